@@ -1,0 +1,312 @@
+//! The `pdledger` command line. Parses arguments, runs one command, and says how it went:
+//! `Ok(Outcome::Passed)` exits 0, `Ok(Outcome::Failed)` (a check failed) exits 1, `Err` exits 2.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use uuid::Uuid;
+
+use crate::keyring::Keyring;
+use crate::ledger::{Ledger, Limits, OpenOptions, Payload};
+use crate::schema::Schemas;
+use crate::store::Store;
+use crate::verify::Anchor;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pdledger",
+    version,
+    about = "An event-sourced personal-data ledger with crypto-shredding erasure.",
+    long_about = "pdledger keeps each data subject's events encrypted under that subject's own key, in one \
+    append-only log chained with blake3. Erasing a subject destroys its key; the chain still verifies.\n\n\
+    Exit codes: 0 ok, 1 a check failed (verify found a break, a subject is unknown or erased), 2 usage or runtime error."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DataArgs {
+    /// The data directory (created if missing).
+    #[arg(long, env = "PDLEDGER_DATA", default_value = "./pdledger-data", global = true)]
+    pub data: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct KeyArgs {
+    /// The keyring directory, beside the data directory and never inside it. Created with mode
+    /// 0700 on first use. PDLEDGER_MASTER_KEY=<generation>:<hex> replaces it.
+    #[arg(long, env = "PDLEDGER_KEYRING", default_value = "./pdledger-keyring")]
+    pub keyring: PathBuf,
+    /// A directory of event schemas to use instead of the ones compiled in.
+    #[arg(long, env = "PDLEDGER_SCHEMAS")]
+    pub schemas: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Append events from a JSON Lines file: {"subject","type","occurred_at"?,"data"} per line.
+    ///
+    /// Lines are validated against the schemas and appended in all-or-nothing batches. The
+    /// import stops at the first bad line, naming it, with nothing of that line's batch appended
+    /// and every earlier batch durable.
+    Import {
+        /// The file to read; `-` reads standard input.
+        file: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
+        keys: KeyArgs,
+        /// Events per batch (one durable write each).
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        /// The actor recorded on each event.
+        #[arg(long, default_value = "import")]
+        actor: String,
+        /// One JSON object per committed batch, then a summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the whole hash chain without any key. Exit 0 and the head when whole, 1 and the
+    /// first bad position when not.
+    Verify {
+        #[command(flatten)]
+        data: DataArgs,
+        /// An earlier head, POSITION:HASH as printed by verify, kept outside the store: also
+        /// checks that the log still contains it (catches truncation and rollback).
+        #[arg(long)]
+        anchor: Option<Anchor>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay the log, decrypting where the key exists. With --subject, print that subject's
+    /// events; without, walk everything and print a summary.
+    Replay {
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
+        keys: KeyArgs,
+        #[arg(long)]
+        subject: Option<Uuid>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a synthetic register (JSON Lines, the sample's event types) for load tests and
+    /// benchmarks. Deterministic for a given seed.
+    #[command(hide = true)]
+    Generate {
+        #[arg(long, default_value_t = 10_000)]
+        events: u64,
+        #[arg(long, default_value_t = 1_000)]
+        subjects: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+pub enum Outcome {
+    Passed,
+    Failed,
+}
+
+fn open(data: &DataArgs, keys: &KeyArgs, holder: &str) -> anyhow::Result<Ledger> {
+    let schemas = match &keys.schemas {
+        Some(dir) => Schemas::load_dir(dir)?,
+        None => Schemas::builtin(),
+    };
+    let ledger = Ledger::open(OpenOptions {
+        data: data.data.clone(),
+        keyring: Keyring::from_env_or_dir(&keys.keyring),
+        schemas: Arc::new(schemas),
+        holder: holder.to_owned(),
+        limits: Limits::default(),
+    })?;
+    Ok(ledger)
+}
+
+fn progress_line(enabled: bool, text: &str) {
+    if enabled {
+        let mut e = std::io::stderr().lock();
+        let _ = write!(e, "\r\x1b[2K{text}");
+        let _ = e.flush();
+    }
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    let tty = std::io::stderr().is_terminal();
+    let mut out = std::io::stdout().lock();
+    match cli.command {
+        Command::Import { file, data, keys, batch, actor, json } => {
+            let ledger = open(&data, &keys, "pdledger import")?;
+            let input: Box<dyn BufRead + Send> = if file.as_os_str() == "-" {
+                Box::new(std::io::BufReader::new(std::io::stdin()))
+            } else {
+                let f = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+                Box::new(std::io::BufReader::with_capacity(1 << 16, f))
+            };
+            let result = crate::import::import(&ledger, input, batch, &actor, |p| {
+                if json {
+                    let mut o = std::io::stdout().lock();
+                    let _ = writeln!(
+                        o,
+                        "{}",
+                        serde_json::json!({"event": "batch", "lines": p.lines, "events": p.events, "last_position": p.last_position})
+                    );
+                    let _ = o.flush();
+                } else {
+                    progress_line(tty, &format!("{} events, {:.0} events/s", p.events, p.events_per_second));
+                }
+            });
+            progress_line(tty && !json, "");
+            ledger.close()?;
+            match result {
+                Ok(p) => {
+                    if json {
+                        writeln!(out, "{}", serde_json::json!({"event": "done", "ok": true, "summary": p}))?;
+                    } else {
+                        writeln!(
+                            out,
+                            "imported {} events for {} subjects in {:.2} s ({:.0} events/s); last position {}",
+                            p.events, p.subjects, p.seconds, p.events_per_second, p.last_position
+                        )?;
+                    }
+                    Ok(Outcome::Passed)
+                }
+                Err(f) => {
+                    if json {
+                        writeln!(
+                            out,
+                            "{}",
+                            serde_json::json!({"event": "done", "ok": false, "error": f.error.to_string(), "summary": f.done})
+                        )?;
+                    }
+                    bail!(
+                        "{}\nstopped: nothing from the failing batch was appended; {} events from lines 1..={} were appended before it",
+                        f.error,
+                        f.done.events,
+                        f.done.lines
+                    )
+                }
+            }
+        }
+        Command::Verify { data, anchor, json } => {
+            let store = Store::open(&data.data, "pdledger verify", 64 << 20)?;
+            let report =
+                crate::verify::verify(&store, anchor, |n| progress_line(tty, &format!("verified {n} records")))?;
+            progress_line(tty, "");
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&report)?)?;
+            } else if report.ok {
+                writeln!(out, "ok: {} records, chain whole\nhead {}", report.events, report.anchor())?;
+            } else {
+                writeln!(
+                    out,
+                    "BROKEN at position {}: {}\n{} records whole before it",
+                    report.first_bad_position.unwrap_or(0),
+                    report.reason.as_deref().unwrap_or(""),
+                    report.events
+                )?;
+            }
+            Ok(if report.ok { Outcome::Passed } else { Outcome::Failed })
+        }
+        Command::Replay { data, keys, subject, json } => {
+            let ledger = open(&data, &keys, "pdledger replay")?;
+            let outcome = match subject {
+                Some(s) => {
+                    let events = ledger.read_stream(s, 0, usize::MAX)?;
+                    if events.is_empty() {
+                        eprintln!("subject {s} has no readable events");
+                        Outcome::Failed
+                    } else {
+                        for e in events {
+                            if json {
+                                writeln!(out, "{}", serde_json::to_string(&e)?)?;
+                            } else {
+                                writeln!(
+                                    out,
+                                    "v{} @{} {} {} {}",
+                                    e.version, e.position, e.occurred_at, e.event_type, e.data
+                                )?;
+                            }
+                        }
+                        Outcome::Passed
+                    }
+                }
+                None => {
+                    let started = std::time::Instant::now();
+                    let (mut records, mut events, mut shredded, mut notes) = (0u64, 0u64, 0u64, 0u64);
+                    let mut subjects = std::collections::HashSet::new();
+                    for entry in ledger.log(1) {
+                        let entry = entry?;
+                        records += 1;
+                        match entry.payload {
+                            Payload::Event { .. } => {
+                                events += 1;
+                                subjects.insert(entry.header.subject);
+                            }
+                            Payload::Shredded => shredded += 1,
+                            Payload::Ledger(_) => notes += 1,
+                        }
+                        if records.is_multiple_of(65_536) {
+                            progress_line(tty, &format!("replayed {records} records"));
+                        }
+                    }
+                    progress_line(tty, "");
+                    let secs = started.elapsed().as_secs_f64();
+                    let summary = serde_json::json!({
+                        "records": records, "events": events, "shredded": shredded, "ledger_events": notes,
+                        "subjects": subjects.len(), "seconds": secs, "records_per_second": records as f64 / secs.max(1e-9),
+                    });
+                    if json {
+                        writeln!(out, "{summary}")?;
+                    } else {
+                        writeln!(
+                            out,
+                            "replayed {records} records in {secs:.2} s: {events} events of {} subjects decrypted, {shredded} shredded, {notes} ledger events",
+                            subjects.len()
+                        )?;
+                    }
+                    Outcome::Passed
+                }
+            };
+            ledger.close()?;
+            Ok(outcome)
+        }
+        Command::Generate { events, subjects, seed } => {
+            crate::generate::write(&mut out, events, subjects, seed)?;
+            Ok(Outcome::Passed)
+        }
+    }
+}
+
+/// The binary's whole body: parse, run, map to an exit code in one place.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    match run(cli) {
+        Ok(Outcome::Passed) => std::process::ExitCode::SUCCESS,
+        Ok(Outcome::Failed) => std::process::ExitCode::from(1),
+        // A closed pipe (`pdledger replay | head`) is the reader's choice, not our failure.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! Subject keys in memory: unwrapped on first use from the store's wrapped-key table, then
+//! kept in a bounded cache (cleared when full; keys zeroize when the last user drops them).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use uuid::Uuid;
+
+use crate::crypto::{CryptoError, MasterKey, SubjectKey};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("subject key {subject}/{category}: {source}")]
+    Unwrap { subject: Uuid, category: u8, source: CryptoError },
+}
+
+pub struct KeyCache {
+    map: Mutex<HashMap<(Uuid, u8), Arc<SubjectKey>>>,
+    max: usize,
+}
+
+impl KeyCache {
+    pub fn new(max: usize) -> KeyCache {
+        KeyCache { map: Mutex::new(HashMap::new()), max: max.max(1) }
+    }
+
+    /// The subject's key for `category`, or `None` when the subject has none (never had
+    /// events of that category, or it was erased).
+    pub fn get(
+        &self,
+        store: &Store,
+        master: &MasterKey,
+        subject: Uuid,
+        category: u8,
+    ) -> Result<Option<Arc<SubjectKey>>, KeyError> {
+        if let Some(k) = self.map.lock().expect("not poisoned").get(&(subject, category)) {
+            return Ok(Some(k.clone()));
+        }
+        let Some(wrapped) = store.wrapped_key(subject, category)? else {
+            return Ok(None);
+        };
+        let key = Arc::new(master.unwrap(subject, category, &wrapped).map_err(|source| KeyError::Unwrap {
+            subject,
+            category,
+            source,
+        })?);
+        self.insert(subject, category, key.clone());
+        Ok(Some(key))
+    }
+
+    pub fn insert(&self, subject: Uuid, category: u8, key: Arc<SubjectKey>) {
+        let mut map = self.map.lock().expect("not poisoned");
+        if map.len() >= self.max {
+            map.clear();
+        }
+        map.insert((subject, category), key);
+    }
+
+    /// Forgets a subject's keys (erasure) or everything (rotation).
+    pub fn forget(&self, subject: Option<Uuid>) {
+        let mut map = self.map.lock().expect("not poisoned");
+        match subject {
+            Some(s) => map.retain(|(k, _), _| *k != s),
+            None => map.clear(),
+        }
+    }
+}

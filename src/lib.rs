@@ -1,0 +1,34 @@
+//! pdledger: an event-sourced personal-data ledger.
+//!
+//! Each data subject's events are sealed under that subject's own key (one per data
+//! category) and appended to one global log, chained with blake3 over the bytes as stored.
+//! Erasure destroys the key; the chain still verifies. `docs/ARCHITECTURE.md` is the map.
+//!
+//! # Layout, in reading order
+//!
+//! - [`record`]: the stored record format and its chain hash (pure).
+//! - [`crypto`]: master and subject keys, sealing, wrapping (the only module holding keys).
+//! - [`keyring`]: master-key generations on disk, outside the data directory.
+//! - [`store`]: the only module that knows sled: key layout, atomic durable commits, the lock.
+//! - [`keys`]: subject keys unwrapped on demand, cached in memory.
+//! - [`schema`]: event types, validation, data categories, lookup annotations.
+//! - [`writer`]: the single writer thread and group commit.
+//! - [`ledger`]: everything above joined: open, append, read, walk the log.
+//! - [`verify`]: keyless chain verification.
+//! - [`import`]: JSON Lines import in validated batches.
+//! - [`cli`]: the `pdledger` command line.
+//! - [`time`], [`generate`]: timestamps; a synthetic register for tests and benchmarks.
+
+pub mod cli;
+pub mod crypto;
+pub mod generate;
+pub mod import;
+pub mod keyring;
+pub mod keys;
+pub mod ledger;
+pub mod record;
+pub mod schema;
+pub mod store;
+pub mod time;
+pub mod verify;
+pub mod writer;

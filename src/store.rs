@@ -1,0 +1,331 @@
+//! The only module that knows sled.
+//!
+//! One tree, `ledger`, keyed by a one-byte prefix and big-endian integers so byte order is
+//! numeric order (layout in `docs/ARCHITECTURE.md`). A group commit is one `sled::Batch` on that
+//! tree, which sled applies atomically across a crash. Durability is ours: sled 0.34's `flush`
+//! ends in `sync_file_range`, which neither persists file-size metadata nor flushes the drive
+//! cache, and its blob files are never synced at all. So `commit` flushes, then `fsync`s the
+//! data file and any blob file sled wrote since the last commit.
+//!
+//! A lock file in the data directory keeps a second process out, and says who holds it.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use uuid::Uuid;
+
+use crate::record::{ChainHash, Position, HASH_LEN};
+
+const TREE: &str = "ledger";
+const P_LOG: u8 = b'L';
+const P_STREAM: u8 = b'S';
+const P_KEY: u8 = b'K';
+const P_META: u8 = b'M';
+
+pub const LOCK_FILE: &str = "pdledger.lock";
+const STORE_DIR: &str = "store";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("data directory {dir} is in use by {holder}; stop that process, or use the running server's API")]
+    Locked { dir: PathBuf, holder: String },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("the store in {dir} is damaged and cannot be opened: {detail}. Run `pdledger verify --data {dir}` for where, or restore from a backup")]
+    Damaged { dir: PathBuf, detail: String },
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("metadata {0} is damaged")]
+    Meta(&'static str),
+}
+
+/// A value read from the store.
+pub struct Value(sled::IVec);
+
+impl std::ops::Deref for Value {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+pub struct Store {
+    dir: PathBuf,
+    db: sled::Db,
+    tree: sled::Tree,
+    /// An open handle on sled's data file: `fsync` through it makes sled's writes durable.
+    data_file: File,
+    synced_blobs: Mutex<BTreeSet<std::ffi::OsString>>,
+    _lock: File,
+}
+
+/// What one group commit writes, applied atomically.
+#[derive(Default)]
+pub struct WriteBatch {
+    inner: sled::Batch,
+    len: usize,
+}
+
+impl WriteBatch {
+    pub fn put_record(&mut self, position: Position, bytes: &[u8]) {
+        self.put(log_key(position), bytes);
+    }
+    pub fn put_stream(&mut self, subject: Uuid, version: u64, position: Position) {
+        self.put(stream_key(subject, version), &position.to_be_bytes());
+    }
+    pub fn put_wrapped_key(&mut self, subject: Uuid, category: u8, wrapped: &[u8]) {
+        self.put(wrapped_key_key(subject, category), wrapped);
+    }
+    pub fn put_head(&mut self, position: Position, hash: &ChainHash) {
+        let mut v = position.to_be_bytes().to_vec();
+        v.extend_from_slice(&hash.0);
+        self.put(meta_key("head"), &v);
+    }
+    pub fn put_meta(&mut self, name: &str, value: &[u8]) {
+        self.put(meta_key(name), value);
+    }
+    fn put(&mut self, key: Vec<u8>, value: &[u8]) {
+        self.inner.insert(key, value);
+        self.len += 1;
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+fn log_key(position: Position) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(P_LOG);
+    k.extend_from_slice(&position.to_be_bytes());
+    k
+}
+
+fn stream_prefix(subject: Uuid) -> Vec<u8> {
+    let mut k = Vec::with_capacity(25);
+    k.push(P_STREAM);
+    k.extend_from_slice(subject.as_bytes());
+    k
+}
+
+fn stream_key(subject: Uuid, version: u64) -> Vec<u8> {
+    let mut k = stream_prefix(subject);
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+fn wrapped_key_key(subject: Uuid, category: u8) -> Vec<u8> {
+    let mut k = Vec::with_capacity(18);
+    k.push(P_KEY);
+    k.extend_from_slice(subject.as_bytes());
+    k.push(category);
+    k
+}
+
+fn meta_key(name: &str) -> Vec<u8> {
+    let mut k = vec![P_META];
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn be_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io { path: path.to_owned(), source }
+}
+
+/// Takes the data directory's lock, or says who holds it.
+fn lock(dir: &Path, holder: &str) -> Result<File, StoreError> {
+    let path = dir.join(LOCK_FILE);
+    let mut f =
+        fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io(&path))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = f.read_to_string(&mut text);
+            let holder = if text.trim().is_empty() { "another process".to_owned() } else { text.trim().to_owned() };
+            return Err(StoreError::Locked { dir: dir.to_owned(), holder });
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(io(&path)(e)),
+    }
+    f.set_len(0).map_err(io(&path))?;
+    f.rewind().map_err(io(&path))?;
+    write!(f, "process {} ({holder})", std::process::id()).map_err(io(&path))?;
+    f.sync_all().map_err(io(&path))?;
+    Ok(f)
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`. `holder` says who we are, for the
+    /// message another process gets while we hold the lock.
+    pub fn open(dir: &Path, holder: &str, cache_bytes: u64) -> Result<Store, StoreError> {
+        // Owner-only: the contents are encrypted, but ids and times need not be public either.
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io(dir))?;
+        let lock = lock(dir, holder)?;
+        let path = dir.join(STORE_DIR);
+        let config = sled::Config::new()
+            .path(&path)
+            .cache_capacity(cache_bytes)
+            // Our commits flush and fsync; sled's background flusher would only add
+            // non-durable `sync_file_range` calls between them.
+            .flush_every_ms(None);
+        // sled 0.34 can panic on a damaged file rather than return an error: turn that into
+        // a clear refusal instead of a crash or a half-open store.
+        let opened = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let db = config.open()?;
+            let tree = db.open_tree(TREE)?;
+            Ok::<_, sled::Error>((db, tree))
+        }));
+        let (db, tree) = match opened {
+            Ok(Ok(v)) => v,
+            Ok(Err(sled::Error::Io(e))) => return Err(io(&path)(e)),
+            Ok(Err(e)) => return Err(StoreError::Damaged { dir: dir.to_owned(), detail: e.to_string() }),
+            Err(panic) => {
+                let detail = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "sled panicked while opening".into());
+                return Err(StoreError::Damaged { dir: dir.to_owned(), detail });
+            }
+        };
+        let data_path = path.join("db");
+        let data_file = File::open(&data_path).map_err(io(&data_path))?;
+        // The files sled just created must survive a power cut too.
+        for d in [dir, path.as_path()] {
+            File::open(d).and_then(|f| f.sync_all()).map_err(io(d))?;
+        }
+        let store =
+            Store { dir: dir.to_owned(), db, tree, data_file, synced_blobs: Mutex::new(BTreeSet::new()), _lock: lock };
+        *store.synced_blobs.lock().expect("not poisoned") = store.blob_names()?;
+        Ok(store)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn blob_names(&self) -> Result<BTreeSet<std::ffi::OsString>, StoreError> {
+        let blobs = self.dir.join(STORE_DIR).join("blobs");
+        match fs::read_dir(&blobs) {
+            Ok(entries) => entries.map(|e| e.map(|e| e.file_name()).map_err(io(&blobs))).collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeSet::new()),
+            Err(e) => Err(io(&blobs)(e)),
+        }
+    }
+
+    /// Applies a batch atomically and makes it durable: sled flush, then a real fsync of the
+    /// data file (and of any blob file written since). Returns only once all of it is on
+    /// stable storage.
+    pub fn commit(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.tree.apply_batch(batch.inner)?;
+        self.sync()
+    }
+
+    /// Flush and fsync whatever has been applied so far.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        let data_path = self.dir.join(STORE_DIR).join("db");
+        self.data_file.sync_all().map_err(io(&data_path))?;
+        let now = self.blob_names()?;
+        let mut synced = self.synced_blobs.lock().expect("not poisoned");
+        if now.len() != synced.len() || !now.is_subset(&synced) {
+            let blobs = self.dir.join(STORE_DIR).join("blobs");
+            for name in now.difference(&synced) {
+                let p = blobs.join(name);
+                File::open(&p).and_then(|f| f.sync_all()).map_err(io(&p))?;
+            }
+            File::open(&blobs).and_then(|f| f.sync_all()).map_err(io(&blobs))?;
+            *synced = now;
+        }
+        Ok(())
+    }
+
+    pub fn meta(&self, name: &str) -> Result<Option<Value>, StoreError> {
+        Ok(self.tree.get(meta_key(name))?.map(Value))
+    }
+
+    pub fn meta_u32(&self, name: &'static str) -> Result<Option<u32>, StoreError> {
+        match self.meta(name)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(u32::from_be_bytes(v[..].try_into().map_err(|_| StoreError::Meta(name))?))),
+        }
+    }
+
+    /// The head (last position and its hash) as the store's metadata records it.
+    pub fn head(&self) -> Result<Option<(Position, ChainHash)>, StoreError> {
+        let Some(v) = self.meta("head")? else { return Ok(None) };
+        if v.len() != 8 + HASH_LEN {
+            return Err(StoreError::Meta("head"));
+        }
+        let pos = be_u64(&v[..8]).ok_or(StoreError::Meta("head"))?;
+        Ok(Some((pos, ChainHash(v[8..].try_into().expect("32 bytes")))))
+    }
+
+    /// The highest position present in the log, whatever the metadata says.
+    pub fn last_position(&self) -> Result<Option<Position>, StoreError> {
+        match self.tree.scan_prefix([P_LOG]).next_back() {
+            None => Ok(None),
+            Some(kv) => Ok(be_u64(&kv?.0[1..])),
+        }
+    }
+
+    pub fn record(&self, position: Position) -> Result<Option<Value>, StoreError> {
+        Ok(self.tree.get(log_key(position))?.map(Value))
+    }
+
+    /// The log from `from` on, in order: (the position its key says, the stored bytes).
+    pub fn records(&self, from: Position) -> impl Iterator<Item = Result<(Position, Value), StoreError>> + '_ {
+        self.tree.range(log_key(from)..vec![P_LOG + 1]).map(|kv| {
+            let (k, v) = kv?;
+            let pos = be_u64(&k[1..]).ok_or(StoreError::Meta("log key"))?;
+            Ok((pos, Value(v)))
+        })
+    }
+
+    /// A subject's current stream version (0 when it has no events).
+    pub fn stream_version(&self, subject: Uuid) -> Result<u64, StoreError> {
+        match self.tree.scan_prefix(stream_prefix(subject)).next_back() {
+            None => Ok(0),
+            Some(kv) => Ok(be_u64(&kv?.0[17..]).ok_or(StoreError::Meta("stream key"))?),
+        }
+    }
+
+    /// A subject's stream after `after_version`: (version, position), in order.
+    pub fn stream(
+        &self,
+        subject: Uuid,
+        after_version: u64,
+    ) -> impl Iterator<Item = Result<(u64, Position), StoreError>> + '_ {
+        let start = stream_key(subject, after_version.saturating_add(1));
+        let end = stream_key(subject, u64::MAX);
+        self.tree.range(start..=end).map(|kv| {
+            let (k, v) = kv?;
+            let version = be_u64(&k[17..]).ok_or(StoreError::Meta("stream key"))?;
+            let pos = be_u64(&v).ok_or(StoreError::Meta("stream value"))?;
+            Ok((version, pos))
+        })
+    }
+
+    pub fn wrapped_key(&self, subject: Uuid, category: u8) -> Result<Option<Value>, StoreError> {
+        Ok(self.tree.get(wrapped_key_key(subject, category))?.map(Value))
+    }
+
+    /// Test and tooling access to raw records: overwrite or remove the bytes at a position,
+    /// bypassing the chain. Used by the tamper tests; never by the ledger itself.
+    #[doc(hidden)]
+    pub fn tamper_record(&self, position: Position, bytes: Option<&[u8]>) -> Result<(), StoreError> {
+        match bytes {
+            Some(b) => self.tree.insert(log_key(position), b)?,
+            None => self.tree.remove(log_key(position))?,
+        };
+        self.sync()
+    }
+}

@@ -1,0 +1,154 @@
+//! Keyless verification of the log: the chain, density of positions, and the head.
+//!
+//! Needs no key, so an auditor can run it without seeing personal data, and it still passes
+//! after crypto-shredding (the chain covers ciphertext, not plaintext).
+
+use serde::Serialize;
+
+use crate::record::{self, ChainHash, Position};
+use crate::store::{Store, StoreError};
+
+/// A head written down elsewhere: `POSITION:HASH`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Anchor {
+    pub position: Position,
+    pub hash: ChainHash,
+}
+
+impl std::str::FromStr for Anchor {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Anchor, String> {
+        let (p, h) = s.split_once(':').ok_or("an anchor is POSITION:HASH, as `pdledger verify` prints it")?;
+        let position = p.parse().map_err(|_| format!("anchor position `{p}` is not a number"))?;
+        let hash = ChainHash::from_hex(h).ok_or("anchor hash must be 64 hex digits")?;
+        Ok(Anchor { position, hash })
+    }
+}
+
+impl std::fmt::Display for Anchor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.position, self.hash.to_hex())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Break {
+    /// The first position that is wrong (missing, damaged, out of place, or not chained).
+    pub position: Position,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub ok: bool,
+    /// Records checked and found whole (the chain up to the break, if any).
+    pub events: u64,
+    pub head: HeadOut,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_bad_position: Option<Position>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HeadOut {
+    pub position: Position,
+    pub hash: String,
+}
+
+impl Report {
+    pub fn anchor(&self) -> String {
+        format!("{}:{}", self.head.position, self.head.hash)
+    }
+}
+
+/// Walks the whole log. `progress` is called now and then with the records checked so far.
+pub fn verify(store: &Store, anchor: Option<Anchor>, mut progress: impl FnMut(u64)) -> Result<Report, StoreError> {
+    let mut prev = ChainHash::GENESIS;
+    let mut expected: Position = 1;
+    let mut anchor_seen = false;
+    let mut problem: Option<Break> = None;
+    for item in store.records(1) {
+        let (pos, bytes) = item?;
+        let fail = |reason: String| Some(Break { position: expected, reason });
+        if pos != expected {
+            problem = fail(format!("record {expected} is missing (the next stored is {pos})"));
+            break;
+        }
+        let rec = match record::decode(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                problem = fail(format!("record cannot be decoded: {e}"));
+                break;
+            }
+        };
+        if rec.header.position != pos {
+            problem = fail(format!("holds the record of position {} (moved or swapped)", rec.header.position));
+            break;
+        }
+        if rec.prev_hash != prev {
+            problem = fail("its previous-hash does not match the record before it".into());
+            break;
+        }
+        if !record::hash_is_valid(&bytes, &rec) {
+            problem = fail("its hash does not match its bytes (edited)".into());
+            break;
+        }
+        if let Some(a) = anchor {
+            if a.position == pos {
+                if a.hash != rec.hash {
+                    problem = fail("differs from the anchor: the log was rewritten since the anchor was taken".into());
+                    break;
+                }
+                anchor_seen = true;
+            }
+        }
+        prev = rec.hash;
+        expected += 1;
+        if expected.is_multiple_of(65_536) {
+            progress(expected - 1);
+        }
+    }
+    let last = expected - 1;
+    if problem.is_none() {
+        if let Some((meta_pos, meta_hash)) = store.head()? {
+            if meta_pos > last {
+                problem = Some(Break {
+                    position: last + 1,
+                    reason: format!("the store's head says {meta_pos}, the log ends at {last}: the tail was cut"),
+                });
+            } else if meta_pos < last || meta_hash != prev {
+                problem = Some(Break {
+                    position: meta_pos + 1,
+                    reason: format!("the store's head ({meta_pos}) does not match the log's last record ({last})"),
+                });
+            }
+        } else if last > 0 {
+            problem = Some(Break { position: 1, reason: "the store has records but no head".into() });
+        }
+    }
+    if problem.is_none() {
+        if let Some(a) = anchor {
+            if !anchor_seen && a.position != 0 {
+                problem = Some(Break {
+                    position: last + 1,
+                    reason: format!(
+                        "the log ends at {last}, before the anchor's position {}: truncated or rolled back",
+                        a.position
+                    ),
+                });
+            }
+        }
+    }
+    progress(last);
+    Ok(Report {
+        ok: problem.is_none(),
+        events: match &problem {
+            Some(b) => b.position - 1,
+            None => last,
+        },
+        head: HeadOut { position: last, hash: prev.to_hex() },
+        first_bad_position: problem.as_ref().map(|b| b.position),
+        reason: problem.map(|b| b.reason),
+    })
+}

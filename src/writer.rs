@@ -1,0 +1,441 @@
+//! The single writer: the only code that assigns positions and stream versions.
+//!
+//! Submissions wait in a bounded queue. The writer thread takes the first, then everything
+//! else already waiting (up to a limit), checks each submission against the stream versions,
+//! seals and chains the accepted ones into one batch, and makes that batch durable with one
+//! flush + fsync (group commit). Only then does it answer each submitter. A submission is all
+//! or nothing: every operation in it is written, or none.
+//!
+//! After a failed durable write, the writer refuses everything until the ledger is reopened:
+//! it no longer knows what is on disk, so it does not limp on.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, RwLock};
+
+use serde_json::Value;
+use tokio::sync::{oneshot, watch};
+use uuid::Uuid;
+
+use crate::crypto::{MasterKey, SubjectKey};
+use crate::keys::KeyCache;
+use crate::record::{self, ChainHash, Header, Kind, Position};
+use crate::store::{Store, WriteBatch};
+
+/// An event that passed schema validation, ready to be sealed.
+#[derive(Debug)]
+pub struct PreparedEvent {
+    pub event_type: String,
+    pub schema_version: u16,
+    pub category: u8,
+    /// The JSON `{"occurred_at":..,"data":..}`: sealed by the writer, never stored in clear.
+    pub plaintext: zeroize::Zeroizing<Vec<u8>>,
+}
+
+/// One operation in a submission.
+#[derive(Debug)]
+pub enum Op {
+    /// Append events to one subject's stream, all or nothing.
+    Append { subject: Uuid, expected_version: Option<u64>, events: Vec<PreparedEvent>, actor: String },
+    /// A ledger event in clear (never personal data): audit entries, erasures, rotations.
+    Note { subject: Option<Uuid>, event_type: String, json: Value, actor: String },
+}
+
+impl Op {
+    fn len(&self) -> usize {
+        match self {
+            Op::Append { events, .. } => events.len(),
+            Op::Note { .. } => 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub subject: Option<Uuid>,
+    /// Stream versions written (empty for notes).
+    pub first_version: u64,
+    pub last_version: u64,
+    pub positions: Vec<Position>,
+    pub recorded_at_ms: u64,
+    /// Hash of the last record this operation wrote.
+    pub hash: ChainHash,
+}
+
+/// Expected outcomes are kept apart from failures, so `?` cannot turn a conflict into a 500.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    #[error("version conflict on subject {subject}: expected {expected}, current {current}")]
+    VersionConflict { op: usize, subject: Uuid, expected: u64, current: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Rejected(#[from] Rejected),
+    #[error("the writer queue is full; retry shortly")]
+    Overloaded,
+    #[error("the ledger refuses writes after a storage failure ({0}); restart it")]
+    Unavailable(String),
+}
+
+pub type Reply = Result<Vec<Committed>, WriteError>;
+
+struct Submission {
+    ops: Vec<Op>,
+    reply: oneshot::Sender<Reply>,
+}
+
+/// State shared between the writer thread and readers.
+pub struct Shared {
+    pub store: Store,
+    pub master: RwLock<Arc<MasterKey>>,
+    pub keys: KeyCache,
+    /// The highest position known durable. Readers never show anything past it.
+    pub durable: AtomicU64,
+    pub durable_watch: watch::Sender<Position>,
+    poisoned: AtomicBool,
+    pub fsyncs: AtomicU64,
+    pub commits: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(store: Store, master: MasterKey, durable: Position, keys_max: usize) -> Shared {
+        let (tx, _) = watch::channel(durable);
+        Shared {
+            store,
+            master: RwLock::new(Arc::new(master)),
+            keys: KeyCache::new(keys_max),
+            durable: AtomicU64::new(durable),
+            durable_watch: tx,
+            poisoned: AtomicBool::new(false),
+            fsyncs: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+        }
+    }
+
+    pub fn master(&self) -> Arc<MasterKey> {
+        self.master.read().expect("not poisoned").clone()
+    }
+
+    pub fn durable(&self) -> Position {
+        self.durable.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Clone)]
+pub struct WriterHandle {
+    tx: SyncSender<Submission>,
+}
+
+impl WriterHandle {
+    fn submission(ops: Vec<Op>) -> (Submission, oneshot::Receiver<Reply>) {
+        let (reply, rx) = oneshot::channel();
+        (Submission { ops, reply }, rx)
+    }
+
+    /// Queues without waiting for room: a full queue answers `Overloaded` at once.
+    pub fn try_submit(&self, ops: Vec<Op>) -> Result<oneshot::Receiver<Reply>, WriteError> {
+        let (s, rx) = Self::submission(ops);
+        match self.tx.try_send(s) {
+            Ok(()) => Ok(rx),
+            Err(TrySendError::Full(_)) => Err(WriteError::Overloaded),
+            Err(TrySendError::Disconnected(_)) => Err(WriteError::Unavailable("writer stopped".into())),
+        }
+    }
+
+    /// Queues, waiting for room (for batch tools that would rather wait than fail).
+    pub fn submit_blocking(&self, ops: Vec<Op>) -> Reply {
+        let (s, rx) = Self::submission(ops);
+        self.tx.send(s).map_err(|_| WriteError::Unavailable("writer stopped".into()))?;
+        rx.blocking_recv().map_err(|_| WriteError::Unavailable("writer stopped".into()))?
+    }
+}
+
+pub struct Config {
+    pub queue_depth: usize,
+    pub group_events_max: usize,
+}
+
+pub fn spawn(
+    shared: Arc<Shared>,
+    head: (Position, ChainHash, u64),
+    config: Config,
+) -> (WriterHandle, std::thread::JoinHandle<()>) {
+    let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_depth);
+    let mut w = Writer {
+        shared,
+        head: head.0,
+        hash: head.1,
+        last_ms: head.2,
+        versions: HashMap::new(),
+        group_events_max: config.group_events_max,
+    };
+    let join = std::thread::Builder::new()
+        .name("pdledger-writer".into())
+        .spawn(move || w.run(rx))
+        .expect("spawn the writer thread");
+    (WriterHandle { tx }, join)
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    head: Position,
+    hash: ChainHash,
+    last_ms: u64,
+    /// Durable stream versions, read through from the store. Bounded: cleared when full.
+    versions: HashMap<Uuid, u64>,
+    group_events_max: usize,
+}
+
+const VERSIONS_MAX: usize = 200_000;
+
+/// What one accepted submission will write, before it is durable.
+struct Staged {
+    reply: oneshot::Sender<Reply>,
+    results: Vec<Committed>,
+}
+
+impl Writer {
+    fn run(&mut self, rx: Receiver<Submission>) {
+        while let Ok(first) = rx.recv() {
+            let mut group = vec![first];
+            let mut events: usize = group[0].ops.iter().map(Op::len).sum();
+            while events < self.group_events_max {
+                match rx.try_recv() {
+                    Ok(s) => {
+                        events += s.ops.iter().map(Op::len).sum::<usize>();
+                        group.push(s);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(group);
+        }
+    }
+
+    fn current_version(&mut self, subject: Uuid, staged: &HashMap<Uuid, u64>) -> Result<u64, String> {
+        if let Some(v) = staged.get(&subject) {
+            return Ok(*v);
+        }
+        if let Some(v) = self.versions.get(&subject) {
+            return Ok(*v);
+        }
+        let v = self.shared.store.stream_version(subject).map_err(|e| e.to_string())?;
+        if self.versions.len() >= VERSIONS_MAX {
+            self.versions.clear();
+        }
+        self.versions.insert(subject, v);
+        Ok(v)
+    }
+
+    fn commit_group(&mut self, group: Vec<Submission>) {
+        if self.shared.poisoned.load(Ordering::Acquire) {
+            for s in group {
+                let _ = s.reply.send(Err(WriteError::Unavailable("an earlier write failed".into())));
+            }
+            return;
+        }
+        let master = self.shared.master();
+        let mut batch = WriteBatch::default();
+        let mut staged_versions: HashMap<Uuid, u64> = HashMap::new();
+        let mut new_keys: Vec<(Uuid, u8, Arc<SubjectKey>)> = vec![];
+        let mut accepted: Vec<Staged> = vec![];
+        let (mut pos, mut hash) = (self.head, self.hash);
+        let now = crate::time::now_ms().max(self.last_ms);
+
+        for sub in group {
+            // Pass 1: check every op against the versions, without writing anything.
+            let mut local = HashMap::new();
+            let mut rejected = None;
+            for (i, op) in sub.ops.iter().enumerate() {
+                if let Op::Append { subject, expected_version, events, .. } = op {
+                    let current = match local.get(subject) {
+                        Some(v) => *v,
+                        None => match self.current_version(*subject, &staged_versions) {
+                            Ok(v) => v,
+                            Err(e) => {
+                                rejected = Some(WriteError::Unavailable(e));
+                                break;
+                            }
+                        },
+                    };
+                    if let Some(expected) = expected_version {
+                        if *expected != current {
+                            rejected = Some(WriteError::Rejected(Rejected::VersionConflict {
+                                op: i,
+                                subject: *subject,
+                                expected: *expected,
+                                current,
+                            }));
+                            break;
+                        }
+                    }
+                    local.insert(*subject, current + events.len() as u64);
+                }
+            }
+            if let Some(e) = rejected {
+                let _ = sub.reply.send(Err(e));
+                continue;
+            }
+            // Pass 2: seal, chain and stage. Failures here are ours or the OS's: poison.
+            let mut results = Vec::with_capacity(sub.ops.len());
+            let mut failure = None;
+            for op in sub.ops {
+                match self.stage(op, &master, &mut batch, &mut staged_versions, &mut new_keys, &mut pos, &mut hash, now)
+                {
+                    Ok(c) => results.push(c),
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            }
+            if let Some(e) = failure {
+                // Part of this submission may be in the batch: nothing in this group may land.
+                self.poison(&e);
+                let _ = sub.reply.send(Err(WriteError::Unavailable(e)));
+                for s in accepted {
+                    let _ = s.reply.send(Err(WriteError::Unavailable("group aborted".into())));
+                }
+                return;
+            }
+            accepted.push(Staged { reply: sub.reply, results });
+        }
+
+        if accepted.is_empty() {
+            return;
+        }
+        batch.put_head(pos, &hash);
+        let outcome = self.shared.store.commit(batch);
+        self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.shared.commits.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = outcome {
+            let msg = e.to_string();
+            self.poison(&msg);
+            for s in accepted {
+                let _ = s.reply.send(Err(WriteError::Unavailable(msg.clone())));
+            }
+            return;
+        }
+        // Durable: publish, then acknowledge.
+        self.head = pos;
+        self.hash = hash;
+        self.last_ms = now;
+        for (s, v) in staged_versions {
+            if self.versions.len() >= VERSIONS_MAX {
+                self.versions.clear();
+            }
+            self.versions.insert(s, v);
+        }
+        for (subject, category, key) in new_keys {
+            self.shared.keys.insert(subject, category, key);
+        }
+        self.shared.durable.store(pos, Ordering::Release);
+        self.shared.durable_watch.send_replace(pos);
+        for s in accepted {
+            let _ = s.reply.send(Ok(s.results));
+        }
+    }
+
+    fn poison(&self, why: &str) {
+        tracing::error!(error = why, "durable write failed; refusing further writes until restart");
+        self.shared.poisoned.store(true, Ordering::Release);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn stage(
+        &mut self,
+        op: Op,
+        master: &MasterKey,
+        batch: &mut WriteBatch,
+        staged_versions: &mut HashMap<Uuid, u64>,
+        new_keys: &mut Vec<(Uuid, u8, Arc<SubjectKey>)>,
+        pos: &mut Position,
+        hash: &mut ChainHash,
+        now: u64,
+    ) -> Result<Committed, String> {
+        match op {
+            Op::Append { subject, events, actor, .. } => {
+                let mut version = self.current_version(subject, staged_versions)?;
+                let first_version = version + 1;
+                let mut positions = Vec::with_capacity(events.len());
+                for ev in events {
+                    version += 1;
+                    *pos += 1;
+                    let key = match new_keys.iter().find(|(s, c, _)| *s == subject && *c == ev.category) {
+                        Some((_, _, k)) => k.clone(),
+                        None => match self.shared.keys.get(&self.shared.store, master, subject, ev.category) {
+                            Ok(Some(k)) => k,
+                            Ok(None) => {
+                                let k = Arc::new(SubjectKey::generate().map_err(|e| e.to_string())?);
+                                let wrapped = master.wrap(subject, ev.category, &k).map_err(|e| e.to_string())?;
+                                batch.put_wrapped_key(subject, ev.category, &wrapped);
+                                new_keys.push((subject, ev.category, k.clone()));
+                                k
+                            }
+                            Err(e) => return Err(e.to_string()),
+                        },
+                    };
+                    let header = Header {
+                        kind: Kind::Sealed,
+                        position: *pos,
+                        subject,
+                        version,
+                        recorded_at_ms: now,
+                        key_gen: master.generation(),
+                        category: ev.category,
+                        schema_version: ev.schema_version,
+                        event_type: ev.event_type,
+                        actor: actor.clone(),
+                    };
+                    let (nonce, ct) = key.seal(&record::seal_aad(&header), &ev.plaintext).map_err(|e| e.to_string())?;
+                    let (bytes, h) = record::encode(&header, &nonce, &ct, hash);
+                    // Our own bug, caught before it reaches the disk.
+                    debug_assert_eq!(record::decode(&bytes).map(|r| r.header), Ok(header));
+                    batch.put_record(*pos, &bytes);
+                    batch.put_stream(subject, version, *pos);
+                    *hash = h;
+                    positions.push(*pos);
+                }
+                staged_versions.insert(subject, version);
+                Ok(Committed {
+                    subject: Some(subject),
+                    first_version,
+                    last_version: version,
+                    positions,
+                    recorded_at_ms: now,
+                    hash: *hash,
+                })
+            }
+            Op::Note { subject, event_type, json, actor } => {
+                *pos += 1;
+                let header = Header {
+                    kind: Kind::Ledger,
+                    position: *pos,
+                    subject: subject.unwrap_or(Uuid::nil()),
+                    version: 0,
+                    recorded_at_ms: now,
+                    key_gen: 0,
+                    category: 0,
+                    schema_version: 1,
+                    event_type,
+                    actor,
+                };
+                let payload = serde_json::to_vec(&json).map_err(|e| e.to_string())?;
+                let (bytes, h) = record::encode(&header, &[0; record::NONCE_LEN], &payload, hash);
+                batch.put_record(*pos, &bytes);
+                *hash = h;
+                Ok(Committed {
+                    subject,
+                    first_version: 0,
+                    last_version: 0,
+                    positions: vec![*pos],
+                    recorded_at_ms: now,
+                    hash: h,
+                })
+            }
+        }
+    }
+}
