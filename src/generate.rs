@@ -13,7 +13,7 @@ impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -21,7 +21,7 @@ impl Rng {
         z ^ (z >> 31)
     }
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
     fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
         xs[self.below(xs.len() as u64) as usize]
@@ -49,7 +49,7 @@ const CITY: &[&str] = &["Stockholm", "Göteborg", "Malmö", "Uppsala", "Väster�
 /// The subject id of subject number `n` under `seed`.
 pub fn subject_id(seed: u64, n: u64) -> Uuid {
     let mut r = Rng::new(seed ^ n.wrapping_mul(0xA24B_AED4_963E_E407));
-    uuid::Builder::from_random_bytes(((r.next() as u128) << 64 | r.next() as u128).to_be_bytes()).into_uuid()
+    uuid::Builder::from_random_bytes(((r.next_u64() as u128) << 64 | r.next_u64() as u128).to_be_bytes()).into_uuid()
 }
 
 fn address(r: &mut Rng) -> Value {
@@ -98,7 +98,7 @@ pub fn event(seed: u64, subjects: u64, i: u64) -> Value {
             ),
             3..=5 => (
                 "drawing.registered",
-                json!({"project_id": project, "drawing_id": format!("A-{:02}", 1 + r.below(5)), "title": "Planritning", "revision": r.pick(&["A", "B", "C"]), "file_name": format!("{project}-A0{}.pdf", 1 + r.below(5)), "content_hash": format!("{:016x}{:016x}{:016x}{:016x}", r.next(), r.next(), r.next(), r.next())}),
+                json!({"project_id": project, "drawing_id": format!("A-{:02}", 1 + r.below(5)), "title": "Planritning", "revision": r.pick(&["A", "B", "C"]), "file_name": format!("{project}-A0{}.pdf", 1 + r.below(5)), "content_hash": format!("{:016x}{:016x}{:016x}{:016x}", r.next_u64(), r.next_u64(), r.next_u64(), r.next_u64())}),
             ),
             6 | 7 => {
                 let net = 100_000 * (1 + r.below(500));

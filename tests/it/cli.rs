@@ -1,0 +1,97 @@
+//! The command line as a user meets it: bad input, exit codes, a held data directory.
+
+use serde_json::Value;
+
+use crate::support::*;
+
+const GOOD: &str = r#"{"subject":"9988337f-adc0-4c2e-8fa9-cffccd012c84","type":"consent.given","occurred_at":"2019-01-05","data":{"purpose":"newsletter","channel":"email"}}"#;
+
+fn head(s: &Scratch) -> u64 {
+    let out = s.cli(&["verify", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    v["head"]["position"].as_u64().unwrap()
+}
+
+/// Each kind of bad line gets its line number, exit code 2, and nothing of its batch is
+/// appended; earlier batches are.
+#[test]
+fn bad_lines_are_named_and_nothing_of_their_batch_lands() {
+    // Valid by its schema (200 lines of 400 characters) but over the 64 KiB event limit.
+    let line = format!(r#"{{"description":"{}","hours":1,"amount_ore":100}}"#, "å".repeat(400));
+    let big_invoice = format!(
+        r#"{{"subject":"9988337f-adc0-4c2e-8fa9-cffccd012c84","type":"invoice.issued","data":{{"invoice_number":"1","project_id":"P1","issued_on":"2024-01-01","due_on":"2024-01-31","currency":"SEK","lines":[{}],"net_ore":20000,"vat_ore":5000,"total_ore":25000,"billing_address":{{"street":"Gatan 1","postal_code":"12345","city":"Ort"}}}}}}"#,
+        vec![line; 200].join(",")
+    );
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "malformed JSON",
+            r#"{"subject": "9988337f-adc0-4c2e-8fa9-cffccd012c84", "type": ,}"#.into(),
+            "malformed JSON",
+        ),
+        ("cut-off JSON", r#"{"subject": "9988337f-adc0-4c2e-8fa9-cffccd012c84", "type": "#.into(), "incomplete JSON"),
+        ("not an object", "[1,2,3]".into(), "not a valid event line"),
+        ("unknown type", GOOD.replace("consent.given", "consent.forgotten"), "unknown event type `consent.forgotten`"),
+        ("schema violation", GOOD.replace(r#""channel":"email""#, r#""channel":"email","extra":1"#), "extra"),
+        ("missing field", GOOD.replace(r#","channel":"email""#, ""), "channel"),
+        (
+            "invalid subject",
+            GOOD.replace("9988337f-adc0-4c2e-8fa9-cffccd012c84", "not-a-uuid"),
+            "`subject` is not a UUID",
+        ),
+        ("bad occurred_at", GOOD.replace("2019-01-05", "2019-02-30"), "occurred_at"),
+        ("over the size limit", big_invoice, "over the limit"),
+        ("unknown envelope field", GOOD.replace(r#""type""#, r#""secret":1,"type""#), "not a valid event line"),
+    ];
+    for (what, bad, expect) in cases {
+        let s = Scratch::new();
+        // Lines 1-2 are a batch that lands; line 3 good, line 4 bad: their batch does not.
+        let text = format!("{GOOD}\n{GOOD}\n{GOOD}\n{bad}\n{GOOD}\n");
+        let file = s.write("in.jsonl", &text);
+        let out = s.cli(&["import", "--batch", "2", file.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{what}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("line 4"), "{what}: {err}");
+        assert!(err.contains(expect), "{what}: expected `{expect}` in: {err}");
+        assert!(err.contains("2 events from lines 1..=2 were appended"), "{what}: {err}");
+        assert_eq!(head(&s), 2, "{what}: more than the first batch landed");
+        // The message does not echo the bad value back.
+        assert!(!err.contains("ååå"), "{what}: {err}");
+    }
+}
+
+#[test]
+fn a_held_data_directory_is_refused_at_once_with_the_holder() {
+    let s = Scratch::new();
+    let ledger = s.open();
+    let started = std::time::Instant::now();
+    for args in [&["verify"][..], &["replay"][..], &["import", "-"][..]] {
+        let out = s.cli(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = stderr(&out);
+        assert!(err.contains("is in use by process") && err.contains(&std::process::id().to_string()), "{err}");
+        assert!(err.contains("(test)"), "{err}");
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    ledger.close().unwrap();
+    assert_eq!(s.cli(&["verify"]).status.code(), Some(0));
+}
+
+#[test]
+fn usage_errors_exit_2_and_help_helps() {
+    let s = Scratch::new();
+    assert_eq!(s.cli(&["frobnicate"]).status.code(), Some(2));
+    assert_eq!(s.cli(&["verify", "--anchor", "nonsense"]).status.code(), Some(2));
+    let help = s.cli(&["--help"]);
+    assert!(help.status.success());
+    for cmd in ["import", "verify", "replay"] {
+        assert!(stdout(&help).contains(cmd), "{cmd} missing from help");
+    }
+    let out = s.cli(&["import", "/no/such/file.jsonl"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("/no/such/file.jsonl"));
+    // Replay of an unknown subject is a failed check, not a crash.
+    s.cli(&["verify"]);
+    let out = s.cli(&["replay", "--subject", "9988337f-adc0-4c2e-8fa9-cffccd012c84"]);
+    assert_eq!(out.status.code(), Some(1));
+}

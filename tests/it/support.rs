@@ -1,0 +1,182 @@
+//! Shared test helpers: scratch directories, the CLI, the sample register, the plaintext scan.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use pdledger::keyring::Keyring;
+use pdledger::ledger::{Ledger, Limits, OpenOptions};
+use pdledger::schema::Schemas;
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_pdledger");
+
+pub fn sample_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sample-register.jsonl")
+}
+
+pub fn sample() -> Vec<Value> {
+    std::fs::read_to_string(sample_path()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// A data directory and a keyring directory beside it, removed on drop.
+pub struct Scratch {
+    pub root: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        Scratch { root: tempfile::tempdir().unwrap() }
+    }
+    pub fn data(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+    pub fn keyring(&self) -> PathBuf {
+        self.root.path().join("keyring")
+    }
+    pub fn open(&self) -> Ledger {
+        self.open_with(Limits::default())
+    }
+    pub fn open_with(&self, limits: Limits) -> Ledger {
+        Ledger::open(OpenOptions {
+            data: self.data(),
+            keyring: Keyring::Dir(self.keyring()),
+            schemas: Arc::new(Schemas::builtin()),
+            holder: "test".into(),
+            limits,
+        })
+        .unwrap()
+    }
+    /// Runs the CLI with this scratch's data and keyring.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_cmd(args).output().unwrap()
+    }
+    pub fn cli_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .env("PDLEDGER_DATA", self.data())
+            .env("PDLEDGER_KEYRING", self.keyring())
+            .env_remove("PDLEDGER_MASTER_KEY")
+            .env_remove("RUST_LOG");
+        c
+    }
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.root.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Every file under `dir`, recursively, as bytes.
+pub fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+fn base64(bytes: &[u8]) -> String {
+    let mut s = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..=chunk.len() {
+            s.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    s
+}
+
+/// The forms a value could take in a file: raw UTF-8, hex (both cases), JSON-escaped with
+/// `\u` escapes, and base64 at each of the three alignments (only the characters that do not
+/// depend on the neighbouring bytes).
+pub fn encodings(value: &str) -> Vec<Vec<u8>> {
+    let raw = value.as_bytes();
+    let mut forms = vec![raw.to_vec()];
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    forms.push(hex.clone().into_bytes());
+    forms.push(hex.to_uppercase().into_bytes());
+    let escaped: String = value
+        .chars()
+        .map(|c| if c.is_ascii() && c != '"' && c != '\\' { c.to_string() } else { format!("\\u{:04x}", c as u32) })
+        .collect();
+    forms.push(escaped.into_bytes());
+    forms.push(serde_json::to_string(value).unwrap().trim_matches('"').as_bytes().to_vec());
+    for pad in 0..3 {
+        let mut padded = vec![0u8; pad];
+        padded.extend_from_slice(raw);
+        let enc = base64(&padded);
+        // Characters fully determined by the value's bytes: skip the ones mixing in padding.
+        let skip = if pad == 0 { 0 } else { pad * 4 / 3 + 1 };
+        let full = (pad + raw.len()) / 3 * 4;
+        if full > skip + 4 {
+            forms.push(enc.as_bytes()[skip..full].to_vec());
+        }
+    }
+    forms
+}
+
+/// (value, form, file) for every form of every value found under the directories.
+pub fn scan(dirs: &[&Path], values: &[String]) -> Vec<(String, String, PathBuf)> {
+    let files: Vec<_> = dirs.iter().flat_map(|d| files_under(d)).collect();
+    let mut hits = vec![];
+    for v in values {
+        for form in encodings(v) {
+            for (path, bytes) in &files {
+                if bytes.windows(form.len()).any(|w| w == form.as_slice()) {
+                    hits.push((v.clone(), String::from_utf8_lossy(&form).into_owned(), path.clone()));
+                }
+            }
+        }
+    }
+    hits
+}
+
+/// At least `n` distinctive personal values from the sample: names, emails, personal and
+/// organisation numbers, streets.
+pub fn known_values(events: &[Value], n: usize) -> Vec<String> {
+    let mut out: Vec<String> = vec![];
+    for e in events.iter().filter(|e| e["type"] == "customer.registered") {
+        let d = &e["data"];
+        for v in [&d["name"], &d["email"], &d["personal_number"], &d["org_number"], &d["address"]["street"]] {
+            if let Some(s) = v.as_str() {
+                if s.len() >= 8 && !out.iter().any(|o| o == s) {
+                    out.push(s.to_owned());
+                }
+            }
+        }
+        if out.len() >= n {
+            break;
+        }
+    }
+    out
+}
+
+/// Random-enough numbers for tests without a dependency: seeded from the clock, printed so a
+/// failing run can be repeated with PDLEDGER_TEST_SEED.
+pub fn seed() -> u64 {
+    let s = std::env::var("PDLEDGER_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    eprintln!("PDLEDGER_TEST_SEED={s}");
+    s
+}
