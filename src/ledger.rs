@@ -161,18 +161,29 @@ impl Ledger {
         let master = load_or_create_master(&store, &opts.keyring)?;
 
         // The log and its metadata must agree before we add to either.
-        let head = store.head()?;
-        let last = store.last_position()?;
-        let (head_pos, head_hash) = head.unwrap_or((0, ChainHash::GENESIS));
-        if last.unwrap_or(0) != head_pos {
-            return Err(OpenError::Inconsistent { meta: head_pos, log: last.unwrap_or(0) });
+        repair_tail(&store, opts.limits.group_events_max)?;
+        let last = store.last_position()?.unwrap_or(0);
+        let (mut head_pos, mut head_hash) = store.head()?.unwrap_or((0, ChainHash::GENESIS));
+        if head_pos > last {
+            return Err(OpenError::Inconsistent { meta: head_pos, log: last });
         }
         let mut last_ms = 0;
-        if head_pos > 0 {
-            let bytes = store.record(head_pos)?.ok_or(OpenError::Inconsistent { meta: head_pos, log: 0 })?;
-            let rec = record::decode(&bytes).map_err(|e| OpenError::Damaged(head_pos, e.to_string()))?;
-            if rec.hash != head_hash || !record::hash_is_valid(&bytes, &rec) {
-                return Err(OpenError::Damaged(head_pos, "its hash does not match the head".into()));
+        if last > 0 {
+            let bytes = store.record(last)?.ok_or(OpenError::Inconsistent { meta: head_pos, log: last })?;
+            let rec = record::decode(&bytes).map_err(|e| OpenError::Damaged(last, e.to_string()))?;
+            if !record::hash_is_valid(&bytes, &rec) {
+                return Err(OpenError::Damaged(last, "its hash does not match its bytes".into()));
+            }
+            if head_pos < last {
+                // A crash between a commit's last record and its head write: the record is
+                // marked complete, so the head moves up to it.
+                let mut batch = WriteBatch::default();
+                batch.put_head(last, &rec.hash);
+                store.commit(batch)?;
+                (head_pos, head_hash) = (last, rec.hash);
+            }
+            if rec.hash != head_hash {
+                return Err(OpenError::Damaged(last, "its hash does not match the head".into()));
             }
             last_ms = rec.header.recorded_at_ms;
         }
@@ -321,14 +332,26 @@ impl Ledger {
         )
     }
 
-    /// Stops the writer after it has drained its queue, and makes everything durable.
+    /// Stops the writer after it has finished what was queued, and syncs. Dropping the
+    /// ledger does the same, without reporting a sync failure.
     pub fn close(self) -> Result<(), StoreError> {
-        let Ledger { shared, writer, join, .. } = self;
-        drop(writer);
-        if let Some(j) = join.lock().expect("not poisoned").take() {
+        self.stop_writer();
+        self.shared.store.sync()
+    }
+
+    fn stop_writer(&self) {
+        if let Some(j) = self.join.lock().expect("not poisoned").take() {
+            self.writer.stop();
             let _ = j.join();
         }
-        shared.store.sync()
+    }
+}
+
+impl Drop for Ledger {
+    /// Releases the data directory deterministically: once the writer thread is gone, the
+    /// last reference to the store (and its lock) is ours.
+    fn drop(&mut self) {
+        self.stop_writer();
     }
 }
 
@@ -385,6 +408,43 @@ fn open_record(shared: &Shared, master: &MasterKey, rec: &Record) -> Result<Payl
             Ok(Payload::Event { occurred_at: s.occurred_at, data: s.data })
         }
     }
+}
+
+/// Removes the records after the last commit mark: a group commit cut short by a crash, never
+/// acknowledged (acknowledgement waits for the whole commit to be durable). sled keeps a prefix
+/// of the writes, so the tail is the only place such records can be. Newest first, so a crash
+/// during the repair leaves a shorter tail for the next open. Returns how many were removed.
+pub fn repair_tail(store: &Store, group_events_max: usize) -> Result<u64, OpenError> {
+    let Some(last) = store.last_position()? else { return Ok(0) };
+    let mut batch = WriteBatch::default();
+    let mut pos = last;
+    let mut removed = 0u64;
+    let mut head = (0, ChainHash::GENESIS);
+    while pos > 0 {
+        let Some(bytes) = store.record(pos)? else { break };
+        let rec = record::decode(&bytes).map_err(|e| OpenError::Damaged(pos, e.to_string()))?;
+        if rec.header.flags & record::FLAG_COMMIT != 0 {
+            head = (pos, rec.hash);
+            break;
+        }
+        // A commit writes at most `group_events_max` records (plus its notes): more than
+        // that without a mark is damage, not a crash.
+        if removed > 2 * group_events_max as u64 + 1024 {
+            return Err(OpenError::Damaged(pos, "no commit mark in the log's tail".into()));
+        }
+        if rec.header.kind == Kind::Sealed {
+            batch.remove_stream(rec.header.subject, rec.header.version);
+        }
+        batch.remove_record(pos);
+        removed += 1;
+        pos -= 1;
+    }
+    if removed > 0 {
+        batch.put_head(head.0, &head.1);
+        store.commit(batch)?;
+        tracing::warn!(removed, head = head.0, "removed an unacknowledged, incomplete commit from the log's tail");
+    }
+    Ok(removed)
 }
 
 /// Loads the master-key generation this store was written under, or starts generation 1

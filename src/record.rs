@@ -50,10 +50,15 @@ pub enum Kind {
     Ledger = 2,
 }
 
+/// `flags` bit: the last record of a group commit. Records after the last such record were
+/// never acknowledged; opening the ledger removes them (see `ledger::repair_tail`).
+pub const FLAG_COMMIT: u8 = 1;
+
 /// Everything in a record except its chain fields: what the writer fills in before chaining.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
     pub kind: Kind,
+    pub flags: u8,
     pub position: Position,
     pub subject: Uuid,
     pub version: u64,
@@ -94,6 +99,7 @@ pub enum DecodeError {
 /// Checks a header before it is written: our own bugs, caught before they reach the disk.
 pub fn header_is_valid(h: &Header) -> bool {
     h.position >= 1
+        && h.flags & !FLAG_COMMIT == 0
         && type_is_valid(&h.event_type)
         && h.actor.len() <= ACTOR_LEN_MAX
         && match h.kind {
@@ -136,6 +142,7 @@ fn encode_body(h: &Header, nonce: &[u8; NONCE_LEN], payload: &[u8], out: &mut Ve
     assert!(payload.len() <= PAYLOAD_LEN_MAX);
     out.push(FORMAT_V1);
     out.push(h.kind as u8);
+    out.push(h.flags);
     out.extend_from_slice(&h.position.to_be_bytes());
     out.extend_from_slice(h.subject.as_bytes());
     out.extend_from_slice(&h.version.to_be_bytes());
@@ -203,6 +210,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         2 => Kind::Ledger,
         k => return Err(DecodeError::Kind(k)),
     };
+    let flags = r.u8("flags")?;
     let position = r.u64("position")?;
     let subject = Uuid::from_bytes(r.array("subject")?);
     let version = r.u64("version")?;
@@ -230,6 +238,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
     }
     let header = Header {
         kind,
+        flags,
         position,
         subject,
         version,
@@ -278,6 +287,7 @@ mod tests {
     fn header(position: u64) -> Header {
         Header {
             kind: Kind::Sealed,
+            flags: FLAG_COMMIT,
             position,
             subject: Uuid::from_u128(0x1234),
             version: 3,

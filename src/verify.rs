@@ -43,6 +43,8 @@ pub struct Report {
     pub ok: bool,
     /// Records checked and found whole (the chain up to the break, if any).
     pub events: u64,
+    /// Records after the last complete commit (a crash cut it short; never acknowledged).
+    pub uncommitted: u64,
     pub head: HeadOut,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_bad_position: Option<Position>,
@@ -64,8 +66,12 @@ impl Report {
 
 /// Walks the whole log. `progress` is called now and then with the records checked so far.
 pub fn verify(store: &Store, anchor: Option<Anchor>, mut progress: impl FnMut(u64)) -> Result<Report, StoreError> {
+    let meta_head = store.head()?;
     let mut prev = ChainHash::GENESIS;
     let mut expected: Position = 1;
+    // The last record that closes a commit, and its hash: the head an anchor should name.
+    let mut committed = (0, ChainHash::GENESIS);
+    let mut meta_hash_seen = None;
     let mut anchor_seen = false;
     let mut problem: Option<Break> = None;
     for item in store.records(1) {
@@ -104,6 +110,12 @@ pub fn verify(store: &Store, anchor: Option<Anchor>, mut progress: impl FnMut(u6
             }
         }
         prev = rec.hash;
+        if rec.header.flags & record::FLAG_COMMIT != 0 {
+            committed = (pos, rec.hash);
+        }
+        if meta_head.is_some_and(|(p, _)| p == pos) {
+            meta_hash_seen = Some(rec.hash);
+        }
         expected += 1;
         if expected.is_multiple_of(65_536) {
             progress(expected - 1);
@@ -111,20 +123,20 @@ pub fn verify(store: &Store, anchor: Option<Anchor>, mut progress: impl FnMut(u6
     }
     let last = expected - 1;
     if problem.is_none() {
-        if let Some((meta_pos, meta_hash)) = store.head()? {
-            if meta_pos > last {
+        match meta_head {
+            Some((meta_pos, _)) if meta_pos > last => {
                 problem = Some(Break {
                     position: last + 1,
                     reason: format!("the store's head says {meta_pos}, the log ends at {last}: the tail was cut"),
                 });
-            } else if meta_pos < last || meta_hash != prev {
-                problem = Some(Break {
-                    position: meta_pos + 1,
-                    reason: format!("the store's head ({meta_pos}) does not match the log's last record ({last})"),
-                });
             }
-        } else if last > 0 {
-            problem = Some(Break { position: 1, reason: "the store has records but no head".into() });
+            Some((meta_pos, meta_hash)) if meta_pos > 0 && meta_hash_seen != Some(meta_hash) => {
+                problem = Some(Break { position: meta_pos, reason: "differs from the store's head".into() });
+            }
+            None if last > 0 => {
+                problem = Some(Break { position: 1, reason: "the store has records but no head".into() });
+            }
+            _ => {}
         }
     }
     if problem.is_none() {
@@ -141,13 +153,18 @@ pub fn verify(store: &Store, anchor: Option<Anchor>, mut progress: impl FnMut(u6
         }
     }
     progress(last);
+    let ok = problem.is_none();
+    // Records after the last commit mark belong to a commit a crash cut short: never
+    // acknowledged, chained correctly, removed when the ledger next opens.
+    let (head_pos, head_hash) = if ok { committed } else { (last, prev) };
     Ok(Report {
-        ok: problem.is_none(),
+        ok,
         events: match &problem {
             Some(b) => b.position - 1,
-            None => last,
+            None => head_pos,
         },
-        head: HeadOut { position: last, hash: prev.to_hex() },
+        uncommitted: if ok { last - head_pos } else { 0 },
+        head: HeadOut { position: head_pos, hash: head_hash.to_hex() },
         first_bad_position: problem.as_ref().map(|b| b.position),
         reason: problem.map(|b| b.reason),
     })

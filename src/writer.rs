@@ -87,6 +87,12 @@ struct Submission {
     reply: oneshot::Sender<Reply>,
 }
 
+enum Msg {
+    Submit(Submission),
+    /// Finish what came before, then stop (the ledger is closing).
+    Stop,
+}
+
 /// State shared between the writer thread and readers.
 pub struct Shared {
     pub store: Store,
@@ -126,7 +132,7 @@ impl Shared {
 
 #[derive(Clone)]
 pub struct WriterHandle {
-    tx: SyncSender<Submission>,
+    tx: SyncSender<Msg>,
 }
 
 impl WriterHandle {
@@ -138,7 +144,7 @@ impl WriterHandle {
     /// Queues without waiting for room: a full queue answers `Overloaded` at once.
     pub fn try_submit(&self, ops: Vec<Op>) -> Result<oneshot::Receiver<Reply>, WriteError> {
         let (s, rx) = Self::submission(ops);
-        match self.tx.try_send(s) {
+        match self.tx.try_send(Msg::Submit(s)) {
             Ok(()) => Ok(rx),
             Err(TrySendError::Full(_)) => Err(WriteError::Overloaded),
             Err(TrySendError::Disconnected(_)) => Err(WriteError::Unavailable("writer stopped".into())),
@@ -148,8 +154,13 @@ impl WriterHandle {
     /// Queues, waiting for room (for batch tools that would rather wait than fail).
     pub fn submit_blocking(&self, ops: Vec<Op>) -> Reply {
         let (s, rx) = Self::submission(ops);
-        self.tx.send(s).map_err(|_| WriteError::Unavailable("writer stopped".into()))?;
+        self.tx.send(Msg::Submit(s)).map_err(|_| WriteError::Unavailable("writer stopped".into()))?;
         rx.blocking_recv().map_err(|_| WriteError::Unavailable("writer stopped".into()))?
+    }
+
+    /// Asks the writer to stop once everything queued before is done.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Msg::Stop);
     }
 }
 
@@ -181,6 +192,7 @@ pub fn spawn(
 
 struct Writer {
     shared: Arc<Shared>,
+    /// The last durable position and its hash.
     head: Position,
     hash: ChainHash,
     last_ms: u64,
@@ -198,15 +210,24 @@ struct Staged {
 }
 
 impl Writer {
-    fn run(&mut self, rx: Receiver<Submission>) {
-        while let Ok(first) = rx.recv() {
+    fn run(&mut self, rx: Receiver<Msg>) {
+        let mut stopping = false;
+        while !stopping {
+            let first = match rx.recv() {
+                Ok(Msg::Submit(s)) => s,
+                Ok(Msg::Stop) | Err(_) => break,
+            };
             let mut group = vec![first];
             let mut events: usize = group[0].ops.iter().map(Op::len).sum();
             while events < self.group_events_max {
                 match rx.try_recv() {
-                    Ok(s) => {
+                    Ok(Msg::Submit(s)) => {
                         events += s.ops.iter().map(Op::len).sum::<usize>();
                         group.push(s);
+                    }
+                    Ok(Msg::Stop) => {
+                        stopping = true;
+                        break;
                     }
                     Err(_) => break,
                 }
@@ -238,76 +259,69 @@ impl Writer {
             return;
         }
         let master = self.shared.master();
-        let mut batch = WriteBatch::default();
-        let mut staged_versions: HashMap<Uuid, u64> = HashMap::new();
-        let mut new_keys: Vec<(Uuid, u8, Arc<SubjectKey>)> = vec![];
+        let mut g = Group { pending: vec![], staged_versions: HashMap::new(), new_keys: vec![] };
         let mut accepted: Vec<Staged> = vec![];
-        let (mut pos, mut hash) = (self.head, self.hash);
         let now = crate::time::now_ms().max(self.last_ms);
 
         for sub in group {
-            // Pass 1: check every op against the versions, without writing anything.
-            let mut local = HashMap::new();
-            let mut rejected = None;
-            for (i, op) in sub.ops.iter().enumerate() {
-                if let Op::Append { subject, expected_version, events, .. } = op {
-                    let current = match local.get(subject) {
-                        Some(v) => *v,
-                        None => match self.current_version(*subject, &staged_versions) {
-                            Ok(v) => v,
-                            Err(e) => {
-                                rejected = Some(WriteError::Unavailable(e));
-                                break;
-                            }
-                        },
-                    };
-                    if let Some(expected) = expected_version {
-                        if *expected != current {
-                            rejected = Some(WriteError::Rejected(Rejected::VersionConflict {
-                                op: i,
-                                subject: *subject,
-                                expected: *expected,
-                                current,
-                            }));
-                            break;
-                        }
-                    }
-                    local.insert(*subject, current + events.len() as u64);
-                }
-            }
-            if let Some(e) = rejected {
+            if let Err(e) = self.check(&sub.ops, &g.staged_versions) {
                 let _ = sub.reply.send(Err(e));
                 continue;
             }
-            // Pass 2: seal, chain and stage. Failures here are ours or the OS's: poison.
+            // Seal and stage. Failures here are ours or the OS's: nothing of this group lands.
             let mut results = Vec::with_capacity(sub.ops.len());
-            let mut failure = None;
             for op in sub.ops {
-                match self.stage(op, &master, &mut batch, &mut staged_versions, &mut new_keys, &mut pos, &mut hash, now)
-                {
+                match self.stage(op, &master, &mut g, now) {
                     Ok(c) => results.push(c),
                     Err(e) => {
-                        failure = Some(e);
-                        break;
+                        self.poison(&e);
+                        let _ = sub.reply.send(Err(WriteError::Unavailable(e)));
+                        for s in accepted {
+                            let _ = s.reply.send(Err(WriteError::Unavailable("group aborted".into())));
+                        }
+                        return;
                     }
                 }
             }
-            if let Some(e) = failure {
-                // Part of this submission may be in the batch: nothing in this group may land.
-                self.poison(&e);
-                let _ = sub.reply.send(Err(WriteError::Unavailable(e)));
-                for s in accepted {
-                    let _ = s.reply.send(Err(WriteError::Unavailable("group aborted".into())));
-                }
-                return;
-            }
             accepted.push(Staged { reply: sub.reply, results });
         }
-
         if accepted.is_empty() {
             return;
         }
+
+        // Chain in position order; the last record carries the commit mark. Write order
+        // matters, since a crash keeps a prefix: keys before the records sealed under them,
+        // each record before its stream entry, the head last.
+        let mut batch = WriteBatch::default();
+        for (subject, category, wrapped, _) in &g.new_keys {
+            batch.put_wrapped_key(*subject, *category, wrapped);
+        }
+        let mut hash = self.hash;
+        let mut hashes = Vec::with_capacity(g.pending.len());
+        let last = g.pending.len() - 1;
+        for (i, mut p) in g.pending.into_iter().enumerate() {
+            if i == last {
+                p.header.flags |= record::FLAG_COMMIT;
+            }
+            let (bytes, h) = record::encode(&p.header, &p.nonce, &p.payload, &hash);
+            // Our own bug, caught before it reaches the disk.
+            debug_assert_eq!(record::decode(&bytes).map(|r| r.header), Ok(p.header.clone()));
+            batch.put_record(p.header.position, &bytes);
+            if p.header.kind == Kind::Sealed {
+                batch.put_stream(p.header.subject, p.header.version, p.header.position);
+            }
+            hash = h;
+            hashes.push(h);
+        }
+        let pos = self.head + hashes.len() as u64;
         batch.put_head(pos, &hash);
+        for s in &mut accepted {
+            for c in &mut s.results {
+                let last = *c.positions.last().expect("every op writes a record");
+                c.hash = hashes[(last - self.head - 1) as usize];
+            }
+        }
+
         let outcome = self.shared.store.commit(batch);
         self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
         self.shared.commits.fetch_add(1, Ordering::Relaxed);
@@ -323,13 +337,13 @@ impl Writer {
         self.head = pos;
         self.hash = hash;
         self.last_ms = now;
-        for (s, v) in staged_versions {
+        for (s, v) in g.staged_versions {
             if self.versions.len() >= VERSIONS_MAX {
                 self.versions.clear();
             }
             self.versions.insert(s, v);
         }
-        for (subject, category, key) in new_keys {
+        for (subject, category, _, key) in g.new_keys {
             self.shared.keys.insert(subject, category, key);
         }
         self.shared.durable.store(pos, Ordering::Release);
@@ -339,40 +353,56 @@ impl Writer {
         }
     }
 
+    /// Checks a submission's expected versions against the log and what this group already
+    /// staged, writing nothing.
+    fn check(&mut self, ops: &[Op], staged: &HashMap<Uuid, u64>) -> Result<(), WriteError> {
+        let mut local: HashMap<Uuid, u64> = HashMap::new();
+        for (i, op) in ops.iter().enumerate() {
+            if let Op::Append { subject, expected_version, events, .. } = op {
+                let current = match local.get(subject) {
+                    Some(v) => *v,
+                    None => self.current_version(*subject, staged).map_err(WriteError::Unavailable)?,
+                };
+                if let Some(expected) = expected_version {
+                    if *expected != current {
+                        return Err(WriteError::Rejected(Rejected::VersionConflict {
+                            op: i,
+                            subject: *subject,
+                            expected: *expected,
+                            current,
+                        }));
+                    }
+                }
+                local.insert(*subject, current + events.len() as u64);
+            }
+        }
+        Ok(())
+    }
+
     fn poison(&self, why: &str) {
         tracing::error!(error = why, "durable write failed; refusing further writes until restart");
         self.shared.poisoned.store(true, Ordering::Release);
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn stage(
-        &mut self,
-        op: Op,
-        master: &MasterKey,
-        batch: &mut WriteBatch,
-        staged_versions: &mut HashMap<Uuid, u64>,
-        new_keys: &mut Vec<(Uuid, u8, Arc<SubjectKey>)>,
-        pos: &mut Position,
-        hash: &mut ChainHash,
-        now: u64,
-    ) -> Result<Committed, String> {
+    /// Seals one operation's events into records at the next positions.
+    fn stage(&mut self, op: Op, master: &MasterKey, g: &mut Group, now: u64) -> Result<Committed, String> {
+        let head = self.head;
+        let position = |g: &Group| head + g.pending.len() as u64 + 1;
         match op {
             Op::Append { subject, events, actor, .. } => {
-                let mut version = self.current_version(subject, staged_versions)?;
+                let mut version = self.current_version(subject, &g.staged_versions)?;
                 let first_version = version + 1;
                 let mut positions = Vec::with_capacity(events.len());
                 for ev in events {
                     version += 1;
-                    *pos += 1;
-                    let key = match new_keys.iter().find(|(s, c, _)| *s == subject && *c == ev.category) {
-                        Some((_, _, k)) => k.clone(),
+                    let key = match g.new_keys.iter().find(|(s, c, _, _)| *s == subject && *c == ev.category) {
+                        Some((_, _, _, k)) => k.clone(),
                         None => match self.shared.keys.get(&self.shared.store, master, subject, ev.category) {
                             Ok(Some(k)) => k,
                             Ok(None) => {
                                 let k = Arc::new(SubjectKey::generate().map_err(|e| e.to_string())?);
                                 let wrapped = master.wrap(subject, ev.category, &k).map_err(|e| e.to_string())?;
-                                batch.put_wrapped_key(subject, ev.category, &wrapped);
-                                new_keys.push((subject, ev.category, k.clone()));
+                                g.new_keys.push((subject, ev.category, wrapped, k.clone()));
                                 k
                             }
                             Err(e) => return Err(e.to_string()),
@@ -380,7 +410,8 @@ impl Writer {
                     };
                     let header = Header {
                         kind: Kind::Sealed,
-                        position: *pos,
+                        flags: 0,
+                        position: position(g),
                         subject,
                         version,
                         recorded_at_ms: now,
@@ -390,30 +421,26 @@ impl Writer {
                         event_type: ev.event_type,
                         actor: actor.clone(),
                     };
-                    let (nonce, ct) = key.seal(&record::seal_aad(&header), &ev.plaintext).map_err(|e| e.to_string())?;
-                    let (bytes, h) = record::encode(&header, &nonce, &ct, hash);
-                    // Our own bug, caught before it reaches the disk.
-                    debug_assert_eq!(record::decode(&bytes).map(|r| r.header), Ok(header));
-                    batch.put_record(*pos, &bytes);
-                    batch.put_stream(subject, version, *pos);
-                    *hash = h;
-                    positions.push(*pos);
+                    let (nonce, payload) =
+                        key.seal(&record::seal_aad(&header), &ev.plaintext).map_err(|e| e.to_string())?;
+                    positions.push(header.position);
+                    g.pending.push(Pending { header, nonce, payload });
                 }
-                staged_versions.insert(subject, version);
+                g.staged_versions.insert(subject, version);
                 Ok(Committed {
                     subject: Some(subject),
                     first_version,
                     last_version: version,
                     positions,
                     recorded_at_ms: now,
-                    hash: *hash,
+                    hash: ChainHash::GENESIS,
                 })
             }
             Op::Note { subject, event_type, json, actor } => {
-                *pos += 1;
                 let header = Header {
                     kind: Kind::Ledger,
-                    position: *pos,
+                    flags: 0,
+                    position: position(g),
                     subject: subject.unwrap_or(Uuid::nil()),
                     version: 0,
                     recorded_at_ms: now,
@@ -424,18 +451,31 @@ impl Writer {
                     actor,
                 };
                 let payload = serde_json::to_vec(&json).map_err(|e| e.to_string())?;
-                let (bytes, h) = record::encode(&header, &[0; record::NONCE_LEN], &payload, hash);
-                batch.put_record(*pos, &bytes);
-                *hash = h;
+                let positions = vec![header.position];
+                g.pending.push(Pending { header, nonce: [0; record::NONCE_LEN], payload });
                 Ok(Committed {
                     subject,
                     first_version: 0,
                     last_version: 0,
-                    positions: vec![*pos],
+                    positions,
                     recorded_at_ms: now,
-                    hash: h,
+                    hash: ChainHash::GENESIS,
                 })
             }
         }
     }
+}
+
+/// A record sealed but not yet chained.
+struct Pending {
+    header: Header,
+    nonce: [u8; record::NONCE_LEN],
+    payload: Vec<u8>,
+}
+
+/// What one group commit will write.
+struct Group {
+    pending: Vec<Pending>,
+    staged_versions: HashMap<Uuid, u64>,
+    new_keys: Vec<(Uuid, u8, Vec<u8>, Arc<SubjectKey>)>,
 }

@@ -1,0 +1,242 @@
+//! Ledger core benchmarks, each beside the baseline it is judged against, in the same run:
+//!
+//! - `durable_append/*`: 64 concurrent appenders of ~500-byte events vs raw sled inserting
+//!   the same bytes in batches of 64, each batch flushed and fsynced.
+//! - `single_append/*`: one appender, one event per durable append vs one raw sled insert,
+//!   flush and fsync.
+//! - `read/*`: keyless verify and replay with decryption over a 100,000-event store.
+//! - `primitives/*`: XChaCha20-Poly1305 over 512 bytes and one blake3 chain step.
+//!
+//! Run: `cargo bench --bench ledger` (results and the machine in docs/BENCHMARKS.md).
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use pdledger::keyring::Keyring;
+use pdledger::ledger::{Ledger, Limits, OpenOptions};
+use pdledger::schema::Schemas;
+use serde_json::json;
+use uuid::Uuid;
+
+const APPENDERS: usize = 64;
+const VALUE_BYTES: usize = 512;
+
+fn open_ledger(dir: &Path) -> Ledger {
+    Ledger::open(OpenOptions {
+        data: dir.join("data"),
+        keyring: Keyring::Dir(dir.join("keyring")),
+        schemas: Arc::new(Schemas::builtin()),
+        holder: "bench".into(),
+        limits: Limits::default(),
+    })
+    .unwrap()
+}
+
+/// A raw sled store configured like ours, and its data file for fsync.
+fn open_raw(dir: &Path) -> (sled::Db, sled::Tree, File) {
+    let db = sled::Config::new().path(dir.join("raw")).cache_capacity(64 << 20).flush_every_ms(None).open().unwrap();
+    let tree = db.open_tree("t").unwrap();
+    let f = File::open(dir.join("raw").join("db")).unwrap();
+    (db, tree, f)
+}
+
+/// A note whose sealed payload is about 500 bytes.
+fn note(ledger: &Ledger, i: u64) -> pdledger::writer::PreparedEvent {
+    let text = format!("{i:08} {}", "Ringde kunden angående ritningarna. ".repeat(12));
+    ledger.prepare("note.added", Some("2024-05-01"), json!({ "text": &text[..440] })).unwrap()
+}
+
+fn durable_append(c: &mut Criterion) {
+    let mut g = c.benchmark_group("durable_append");
+    g.sample_size(20).measurement_time(Duration::from_secs(10)).throughput(Throughput::Elements(APPENDERS as u64));
+
+    g.bench_function(BenchmarkId::new("sled_raw_batch64_fsync", APPENDERS), |b| {
+        let tmp = tempfile::tempdir().unwrap();
+        let (db, tree, file) = open_raw(tmp.path());
+        let value = vec![0x5au8; VALUE_BYTES];
+        let mut k = 0u64;
+        b.iter(|| {
+            let mut batch = sled::Batch::default();
+            for _ in 0..APPENDERS {
+                k += 1;
+                batch.insert(&k.to_be_bytes(), value.as_slice());
+            }
+            tree.apply_batch(batch).unwrap();
+            db.flush().unwrap();
+            file.sync_all().unwrap();
+        });
+    });
+
+    g.bench_function(BenchmarkId::new("ledger_concurrent_appenders", APPENDERS), |b| {
+        let tmp = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(open_ledger(tmp.path()));
+        b.iter_custom(|iters| {
+            // One iteration: every appender appends one event to its own subject.
+            let start = Arc::new(Barrier::new(APPENDERS + 1));
+            let handles: Vec<_> = (0..APPENDERS)
+                .map(|t| {
+                    let (ledger, start) = (ledger.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        let subject = Uuid::new_v4();
+                        let events: Vec<_> = (0..iters).map(|i| note(&ledger, i * 64 + t as u64)).collect();
+                        start.wait();
+                        for ev in events {
+                            ledger.append(subject, None, vec![ev], "bench").unwrap();
+                        }
+                    })
+                })
+                .collect();
+            start.wait();
+            let t0 = Instant::now();
+            for h in handles {
+                h.join().unwrap();
+            }
+            t0.elapsed()
+        });
+        let (commits, _) = ledger.commit_counts();
+        let (head, _) = ledger.head().unwrap();
+        eprintln!("  {head} events in {commits} group commits: {:.1} events per fsync", head as f64 / commits.max(1) as f64);
+    });
+    g.finish();
+}
+
+fn single_append(c: &mut Criterion) {
+    let mut g = c.benchmark_group("single_append");
+    g.sample_size(20).measurement_time(Duration::from_secs(8)).throughput(Throughput::Elements(1));
+
+    g.bench_function("sled_raw_insert_flush_fsync", |b| {
+        let tmp = tempfile::tempdir().unwrap();
+        let (db, tree, file) = open_raw(tmp.path());
+        let value = vec![0x5au8; VALUE_BYTES];
+        let mut k = 0u64;
+        b.iter(|| {
+            k += 1;
+            tree.insert(k.to_be_bytes(), value.as_slice()).unwrap();
+            db.flush().unwrap();
+            file.sync_all().unwrap();
+        });
+    });
+
+    g.bench_function("sled_raw_batch3_flush_fsync", |b| {
+        let tmp = tempfile::tempdir().unwrap();
+        let (db, tree, file) = open_raw(tmp.path());
+        let value = vec![0x5au8; 620];
+        let mut k = 0u64;
+        b.iter(|| {
+            k += 1;
+            let mut batch = sled::Batch::default();
+            let mut key = vec![b'L'];
+            key.extend_from_slice(&k.to_be_bytes());
+            batch.insert(key, value.as_slice());
+            let mut key = vec![b'S'; 17];
+            key.extend_from_slice(&k.to_be_bytes());
+            batch.insert(key, k.to_be_bytes().as_slice());
+            batch.insert(b"Mhead".as_slice(), [1u8; 40].as_slice());
+            tree.apply_batch(batch).unwrap();
+            db.flush().unwrap();
+            file.sync_all().unwrap();
+        });
+    });
+
+    g.bench_function("sled_raw_insert2_flush_fsync", |b| {
+        let tmp = tempfile::tempdir().unwrap();
+        let (db, tree, file) = open_raw(tmp.path());
+        let value = vec![0x5au8; 620];
+        let mut k = 0u64;
+        b.iter(|| {
+            k += 1;
+            let mut key = vec![b'L'];
+            key.extend_from_slice(&k.to_be_bytes());
+            tree.insert(key, value.as_slice()).unwrap();
+            let mut key = vec![b'S'; 17];
+            key.extend_from_slice(&k.to_be_bytes());
+            tree.insert(key, k.to_be_bytes().as_slice()).unwrap();
+            db.flush().unwrap();
+            file.sync_all().unwrap();
+        });
+    });
+
+    g.bench_function("ledger_one_appender", |b| {
+        let tmp = tempfile::tempdir().unwrap();
+        let ledger = open_ledger(tmp.path());
+        let subject = Uuid::new_v4();
+        let mut i = 0;
+        b.iter_batched(
+            || {
+                i += 1;
+                note(&ledger, i)
+            },
+            |ev| ledger.append(subject, None, vec![ev], "bench").unwrap(),
+            criterion::BatchSize::SmallInput,
+        );
+    });
+    g.finish();
+}
+
+fn read(c: &mut Criterion) {
+    const N: u64 = 100_000;
+    let tmp = tempfile::tempdir().unwrap();
+    {
+        let ledger = open_ledger(tmp.path());
+        let input: Vec<u8> = {
+            let mut v = vec![];
+            pdledger::generate::write(&mut v, N, 1000, 5).unwrap();
+            v
+        };
+        pdledger::import::import(&ledger, std::io::Cursor::new(input), 1000, "bench", |_| {}).unwrap();
+        ledger.close().unwrap();
+    }
+    let mut g = c.benchmark_group("read");
+    g.sample_size(10).measurement_time(Duration::from_secs(15)).throughput(Throughput::Elements(N));
+    {
+        let store = pdledger::store::Store::open(&tmp.path().join("data"), "bench", 64 << 20).unwrap();
+        g.bench_function("verify_keyless", |b| {
+            b.iter(|| {
+                let r = pdledger::verify::verify(&store, None, |_| {}).unwrap();
+                assert!(r.ok && r.events == N);
+            });
+        });
+    }
+    {
+        let ledger = open_ledger(tmp.path());
+        g.bench_function("replay_decrypt", |b| {
+            b.iter(|| {
+                let n = ledger.log(1).map(|e| e.unwrap()).count();
+                assert_eq!(n as u64, N);
+            });
+        });
+    }
+    g.finish();
+}
+
+fn primitives(c: &mut Criterion) {
+    let mut g = c.benchmark_group("primitives");
+    g.throughput(Throughput::Elements(1));
+    let key = pdledger::crypto::SubjectKey::generate().unwrap();
+    let plain = vec![7u8; VALUE_BYTES];
+    g.bench_function("xchacha20poly1305_seal_512B", |b| b.iter(|| key.seal(b"aad", &plain).unwrap()));
+    let header = pdledger::record::Header {
+        kind: pdledger::record::Kind::Sealed,
+        flags: 0,
+        position: 1,
+        subject: Uuid::nil(),
+        version: 1,
+        recorded_at_ms: 0,
+        key_gen: 1,
+        category: 1,
+        schema_version: 1,
+        event_type: "note.added".into(),
+        actor: "bench".into(),
+    };
+    let prev = pdledger::record::ChainHash::GENESIS;
+    g.bench_function("record_encode_and_chain_528B", |b| {
+        b.iter(|| pdledger::record::encode(&header, &[0; 24], &plain[..VALUE_BYTES], &prev))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, durable_append, single_append, read, primitives);
+criterion_main!(benches);
