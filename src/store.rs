@@ -235,13 +235,19 @@ impl Store {
     /// the data file (and of any blob file written since). Returns only once all of it is on
     /// stable storage. A crash before then leaves a prefix of the writes.
     pub fn commit(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.apply(batch)?;
+        self.sync()
+    }
+
+    /// Applies the writes in order, without waiting for them to be durable: `sync` does that.
+    pub fn apply(&self, batch: WriteBatch) -> Result<(), StoreError> {
         for (k, v) in batch.ops {
             match v {
                 Some(v) => self.tree.insert(k, v)?,
                 None => self.tree.remove(k)?,
             };
         }
-        self.sync()
+        Ok(())
     }
 
     /// Flush and fsync whatever has been applied so far.

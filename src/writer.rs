@@ -2,9 +2,10 @@
 //!
 //! Submissions wait in a bounded queue. The writer thread takes the first, then everything
 //! else already waiting (up to a limit), checks each submission against the stream versions,
-//! seals and chains the accepted ones into one batch, and makes that batch durable with one
-//! flush + fsync (group commit). Only then does it answer each submitter. A submission is all
-//! or nothing: every operation in it is written, or none.
+//! seals and chains the accepted ones into one group, and applies it to the store. A second
+//! thread, the syncer, makes applied groups durable with one flush + fsync (group commit) and
+//! only then answers each submitter; meanwhile the sequencer prepares the next group. A
+//! submission is all or nothing: every operation in it is written, or none.
 //!
 //! After a failed durable write, the writer refuses everything until the ledger is reopened:
 //! it no longer knows what is on disk, so it does not limp on.
@@ -175,7 +176,15 @@ pub fn spawn(
     config: Config,
 ) -> (WriterHandle, std::thread::JoinHandle<()>) {
     let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_depth);
+    // Two groups in flight at most: one being synced, one applied behind it.
+    let (sync_tx, sync_rx) = std::sync::mpsc::sync_channel(1);
+    let syncer_shared = shared.clone();
+    let syncer = std::thread::Builder::new()
+        .name("pdledger-syncer".into())
+        .spawn(move || sync_loop(syncer_shared, sync_rx))
+        .expect("spawn the syncer thread");
     let mut w = Writer {
+        syncer: sync_tx,
         shared,
         head: head.0,
         hash: head.1,
@@ -185,14 +194,20 @@ pub fn spawn(
     };
     let join = std::thread::Builder::new()
         .name("pdledger-writer".into())
-        .spawn(move || w.run(rx))
+        .spawn(move || {
+            w.run(rx);
+            // Closing the channel lets the syncer finish what is in flight, then stop.
+            drop(w);
+            let _ = syncer.join();
+        })
         .expect("spawn the writer thread");
     (WriterHandle { tx }, join)
 }
 
 struct Writer {
     shared: Arc<Shared>,
-    /// The last durable position and its hash.
+    syncer: SyncSender<Applied>,
+    /// The last applied position and its hash (durable once the syncer says so).
     head: Position,
     hash: ChainHash,
     last_ms: u64,
@@ -202,6 +217,51 @@ struct Writer {
 }
 
 const VERSIONS_MAX: usize = 200_000;
+
+/// A group applied to the store, waiting for its fsync.
+struct Applied {
+    head: Position,
+    accepted: Vec<Staged>,
+}
+
+/// The syncer: makes applied groups durable and only then acknowledges them. While it waits
+/// for one fsync, the sequencer seals and applies the next group; one fsync covers every
+/// group applied by the time it starts.
+fn sync_loop(shared: Arc<Shared>, rx: Receiver<Applied>) {
+    while let Ok(first) = rx.recv() {
+        let mut groups = vec![first];
+        while let Ok(g) = rx.try_recv() {
+            groups.push(g);
+        }
+        let outcome = if shared.poisoned.load(Ordering::Acquire) {
+            Err("an earlier write failed".to_owned())
+        } else {
+            shared.store.sync().map_err(|e| e.to_string())
+        };
+        shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+        match outcome {
+            Ok(()) => {
+                let head = groups.last().expect("at least one").head;
+                shared.durable.store(head, Ordering::Release);
+                shared.durable_watch.send_replace(head);
+                for g in groups {
+                    for s in g.accepted {
+                        let _ = s.reply.send(Ok(s.results));
+                    }
+                }
+            }
+            Err(msg) => {
+                tracing::error!(error = msg, "durable write failed; refusing further writes until restart");
+                shared.poisoned.store(true, Ordering::Release);
+                for g in groups {
+                    for s in g.accepted {
+                        let _ = s.reply.send(Err(WriteError::Unavailable(msg.clone())));
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// What one accepted submission will write, before it is durable.
 struct Staged {
@@ -288,6 +348,7 @@ impl Writer {
         if accepted.is_empty() {
             return;
         }
+        self.shared.commits.fetch_add(1, Ordering::Relaxed);
 
         // Chain in position order; the last record carries the commit mark. Write order
         // matters, since a crash keeps a prefix: keys before the records sealed under them,
@@ -322,10 +383,8 @@ impl Writer {
             }
         }
 
-        let outcome = self.shared.store.commit(batch);
-        self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
-        self.shared.commits.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = outcome {
+        // Applied (not yet durable): the sequencer moves on while the syncer makes it durable.
+        if let Err(e) = self.shared.store.apply(batch) {
             let msg = e.to_string();
             self.poison(&msg);
             for s in accepted {
@@ -333,7 +392,6 @@ impl Writer {
             }
             return;
         }
-        // Durable: publish, then acknowledge.
         self.head = pos;
         self.hash = hash;
         self.last_ms = now;
@@ -346,10 +404,8 @@ impl Writer {
         for (subject, category, _, key) in g.new_keys {
             self.shared.keys.insert(subject, category, key);
         }
-        self.shared.durable.store(pos, Ordering::Release);
-        self.shared.durable_watch.send_replace(pos);
-        for s in accepted {
-            let _ = s.reply.send(Ok(s.results));
+        if self.syncer.send(Applied { head: pos, accepted }).is_err() {
+            self.poison("the syncer thread stopped");
         }
     }
 

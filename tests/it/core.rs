@@ -383,3 +383,49 @@ fn keyring_rules() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("generation 1"), "{}", stderr(&out));
 }
+
+/// A group commit cut short by a crash leaves records without the commit mark at the tail:
+/// `verify` reports them as uncommitted (not a break), and opening the ledger removes them
+/// and their stream entries, so a half-written submission never becomes visible.
+#[test]
+fn an_incomplete_commit_at_the_tail_is_removed_on_open() {
+    let s = Scratch::new();
+    let ledger = s.open();
+    let subject = Uuid::new_v4();
+    let ev = |l: &Ledger, t: &str| l.prepare("note.added", None, json!({ "text": t })).unwrap();
+    ledger.append(subject, None, vec![ev(&ledger, "one"), ev(&ledger, "two")], "t").unwrap();
+    ledger.close().unwrap();
+
+    // Forge what a crash mid-commit leaves: two more records of the subject, chained, with
+    // stream entries, no commit mark, head metadata not moved.
+    with_store(&s, |st| {
+        let last = record::decode(&st.record(2).unwrap().unwrap()).unwrap();
+        let mut prev = last.hash;
+        let mut batch = pdledger::store::WriteBatch::default();
+        for (pos, version) in [(3u64, 3u64), (4, 4)] {
+            let mut h = last.header.clone();
+            h.flags = 0;
+            h.position = pos;
+            h.version = version;
+            let (bytes, hash) = record::encode(&h, &last.nonce, &last.payload, &prev);
+            batch.put_record(pos, &bytes);
+            batch.put_stream(subject, version, pos);
+            prev = hash;
+        }
+        st.commit(batch).unwrap();
+        let r = verify(st, None, |_| {}).unwrap();
+        assert!(r.ok, "{r:?}");
+        assert_eq!((r.head.position, r.uncommitted), (2, 2));
+    });
+
+    let ledger = s.open();
+    assert_eq!(ledger.head().unwrap().0, 2);
+    assert_eq!(ledger.stream_version(subject).unwrap(), 2);
+    assert_eq!(ledger.read_stream(subject, 0, 10).unwrap().len(), 2);
+    // The next append takes the freed positions and versions, and the chain holds.
+    let c = ledger.append(subject, None, vec![ev(&ledger, "three")], "t").unwrap();
+    assert_eq!((c.first_version, c.positions[0]), (3, 3));
+    ledger.close().unwrap();
+    let r = verify_dir(&s, None);
+    assert!(r.ok && r.uncommitted == 0 && r.head.position == 3, "{r:?}");
+}
