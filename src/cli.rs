@@ -95,6 +95,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the HTTP API (HTTPS by default). On a data directory with no users, creates `admin`
+    /// with the password in PDLEDGER_ADMIN_PASSWORD, or a random one printed once.
+    Serve {
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
+        keys: KeyArgs,
+        /// Address to listen on.
+        #[arg(long, env = "PDLEDGER_LISTEN", default_value = "127.0.0.1:8443")]
+        listen: std::net::SocketAddr,
+        /// PEM certificate chain (with --tls-key); without both, a self-signed certificate is
+        /// created in the data directory.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key for --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Serve plain HTTP (behind a TLS-terminating proxy, or for tests). Loopback only.
+        #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
+        plain_http: bool,
+        #[command(flatten)]
+        limits: ServeLimits,
+    },
+    /// Manage users offline (the server must not be running on the data directory).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
     /// Write a synthetic register (JSON Lines, the sample's event types) for load tests and
     /// benchmarks. Deterministic for a given seed.
     #[command(hide = true)]
@@ -108,12 +136,71 @@ enum Command {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum UserCommand {
+    /// Add a user. The password comes from PDLEDGER_PASSWORD, or the first line of standard input.
+    Add {
+        name: String,
+        #[arg(long)]
+        role: crate::auth::Role,
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
+        keys: KeyArgs,
+    },
+}
+
+/// Limits of `pdledger serve`, each with its default.
+#[derive(Args, Debug, Clone)]
+pub struct ServeLimits {
+    /// Largest request body.
+    #[arg(long, default_value_t = 1 << 20)]
+    body_bytes_max: usize,
+    /// Most events in one append request.
+    #[arg(long, default_value_t = 1000)]
+    events_per_request_max: usize,
+    /// Largest event (its data, serialized).
+    #[arg(long, default_value_t = 64 * 1024)]
+    event_bytes_max: usize,
+    /// Largest page of events or audit entries.
+    #[arg(long, default_value_t = 1000)]
+    page_max: usize,
+    /// Requests handled at once; more are answered 503 with Retry-After.
+    #[arg(long, default_value_t = 512)]
+    concurrency_max: usize,
+    /// Time limit of one request, in seconds.
+    #[arg(long, default_value_t = 30)]
+    request_secs: u64,
+    /// Longest long-poll `wait` on /v1/events, in seconds.
+    #[arg(long, default_value_t = 30)]
+    wait_secs_max: u64,
+    /// Appends waiting for the writer before new ones are answered 503.
+    #[arg(long, default_value_t = 4096)]
+    queue_depth: usize,
+    /// Failed logins per account name before it is locked out.
+    #[arg(long, default_value_t = 5)]
+    login_failures_max: u32,
+    /// Failed logins per client address before it is locked out.
+    #[arg(long, default_value_t = 20)]
+    login_failures_per_address_max: u32,
+    /// How long a lockout lasts, in seconds.
+    #[arg(long, default_value_t = 300)]
+    lockout_secs: u64,
+    /// How long a session token lives, in seconds.
+    #[arg(long, default_value_t = 8 * 3600)]
+    session_secs: u64,
+}
+
 pub enum Outcome {
     Passed,
     Failed,
 }
 
 fn open(data: &DataArgs, keys: &KeyArgs, holder: &str) -> anyhow::Result<Ledger> {
+    open_with(data, keys, holder, Limits::default())
+}
+
+fn open_with(data: &DataArgs, keys: &KeyArgs, holder: &str, limits: Limits) -> anyhow::Result<Ledger> {
     let schemas = match &keys.schemas {
         Some(dir) => Schemas::load_dir(dir)?,
         None => Schemas::builtin(),
@@ -123,7 +210,7 @@ fn open(data: &DataArgs, keys: &KeyArgs, holder: &str) -> anyhow::Result<Ledger>
         keyring: Keyring::from_env_or_dir(&keys.keyring),
         schemas: Arc::new(schemas),
         holder: holder.to_owned(),
-        limits: Limits::default(),
+        limits,
     })?;
     Ok(ledger)
 }
@@ -275,6 +362,65 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             };
             ledger.close()?;
             Ok(outcome)
+        }
+        Command::Serve { data, keys, listen, tls_cert, tls_key, plain_http, limits: l } => {
+            let limits = Limits {
+                event_bytes_max: l.event_bytes_max,
+                events_per_append_max: l.events_per_request_max,
+                queue_depth: l.queue_depth,
+                ..Limits::default()
+            };
+            let ledger = open_with(&data, &keys, &format!("pdledger serve on {listen}"), limits)?;
+            let tls = match (tls_cert, tls_key, plain_http) {
+                (_, _, true) => crate::serve::Tls::Plain,
+                (Some(cert), Some(key), _) => crate::serve::Tls::Files { cert, key },
+                _ => crate::serve::Tls::SelfSigned,
+            };
+            let opts = crate::serve::ServeOptions {
+                listen,
+                tls,
+                api: crate::api::ApiConfig {
+                    body_bytes_max: l.body_bytes_max,
+                    page_max: l.page_max,
+                    concurrency_max: l.concurrency_max,
+                    request_secs: l.request_secs,
+                    wait_secs_max: l.wait_secs_max,
+                    ..Default::default()
+                },
+                auth: crate::auth::AuthConfig {
+                    session_secs: l.session_secs,
+                    failures_per_account: l.login_failures_max,
+                    failures_per_address: l.login_failures_per_address_max,
+                    lockout_secs: l.lockout_secs,
+                    ..Default::default()
+                },
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(crate::serve::serve(ledger, opts, &data.data))?;
+            Ok(Outcome::Passed)
+        }
+        Command::User { command: UserCommand::Add { name, role, data, keys } } => {
+            let password = match std::env::var("PDLEDGER_PASSWORD") {
+                Ok(p) if !p.is_empty() => p,
+                _ => {
+                    if std::io::stdin().is_terminal() {
+                        eprint!("password for {name} (15 to 1024 characters; it will echo): ");
+                    }
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line.trim_end_matches(['\r', '\n']).to_owned()
+                }
+            };
+            let ledger = open(&data, &keys, "pdledger user add")?;
+            let auth =
+                crate::auth::Auth::new(ledger.store().kv("auth")?, Default::default(), crate::auth::system_clock())?;
+            auth.create_user(&name, &password, role)?;
+            let mut e = crate::audit::Entry::new(crate::audit::Action::UserCreated, None, crate::audit::Outcome::Ok);
+            e.target = Some(name.clone());
+            ledger.submit(vec![e.into_op("cli")])?;
+            ledger.close()?;
+            writeln!(out, "created user {name} with role {}", role.name())?;
+            Ok(Outcome::Passed)
         }
         Command::Generate { events, subjects, seed } => {
             crate::generate::write(&mut out, events, subjects, seed)?;

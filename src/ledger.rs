@@ -231,6 +231,35 @@ impl Ledger {
         Ok((pos, rec.hash))
     }
 
+    /// The key that seals credentials (TOTP secrets) under the current master generation.
+    pub fn credentials_key(&self) -> crate::crypto::SubjectKey {
+        self.shared.master().credentials_key()
+    }
+
+    /// Ledger events (audit entries, erasures...) before `before`, newest first, without
+    /// decrypting anything.
+    pub fn notes_rev(&self, before: Position) -> impl Iterator<Item = Result<(Header, Value), ReadError>> + '_ {
+        let before = before.min(self.shared.durable() + 1);
+        self.shared.store.records_rev(before).filter_map(|item| {
+            let (pos, bytes) = match item {
+                Ok(v) => v,
+                Err(e) => return Some(Err(e.into())),
+            };
+            // The kind byte is at offset 1: skip sealed records without decoding them.
+            if bytes.get(1) != Some(&(Kind::Ledger as u8)) {
+                return None;
+            }
+            let rec = match decode_at(pos, &bytes) {
+                Ok(r) => r,
+                Err(e) => return Some(Err(e)),
+            };
+            match serde_json::from_slice(&rec.payload) {
+                Ok(v) => Some(Ok((rec.header, v))),
+                Err(e) => Some(Err(ReadError::Damaged { position: pos, detail: e.to_string() })),
+            }
+        })
+    }
+
     /// A watch on the durable head, for long-polling readers.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Position> {
         self.shared.durable_watch.subscribe()
@@ -280,6 +309,11 @@ impl Ledger {
     /// Submits operations as one all-or-nothing unit and waits until they are durable.
     pub fn submit(&self, ops: Vec<Op>) -> Reply {
         self.writer.submit_blocking(ops)
+    }
+
+    /// Whether a subject exists (created, or has events), as far as durable records go.
+    pub fn subject_exists(&self, subject: Uuid) -> Result<bool, ReadError> {
+        Ok(self.shared.store.subject_created(subject)?.is_some_and(|p| p <= self.shared.durable()))
     }
 
     /// A subject's current stream version (0: no events).
@@ -434,6 +468,9 @@ pub fn repair_tail(store: &Store, group_events_max: usize) -> Result<u64, OpenEr
         }
         if rec.header.kind == Kind::Sealed {
             batch.remove_stream(rec.header.subject, rec.header.version);
+        }
+        if store.subject_created(rec.header.subject)?.is_some_and(|created| created >= pos) {
+            batch.remove_subject(rec.header.subject);
         }
         batch.remove_record(pos);
         removed += 1;

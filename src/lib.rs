@@ -16,9 +16,17 @@
 //! - [`ledger`]: everything above joined: open, append, read, walk the log.
 //! - [`verify`]: keyless chain verification.
 //! - [`import`]: JSON Lines import in validated batches.
+//! - [`auth`]: users, Argon2id passwords, TOTP, sessions, lockout.
+//! - [`audit`]: audit entries: written to the log, read back.
+//! - [`api`]: the HTTP API: routes and their permissions, handlers, errors, OpenAPI.
+//! - [`serve`]: `pdledger serve`: TLS, first start, graceful shutdown.
 //! - [`cli`]: the `pdledger` command line.
 //! - [`time`], [`generate`]: timestamps; a synthetic register for tests and benchmarks.
 
+pub mod api;
+pub mod api_doc;
+pub mod audit;
+pub mod auth;
 pub mod cli;
 pub mod crypto;
 pub mod generate;
@@ -28,6 +36,7 @@ pub mod keys;
 pub mod ledger;
 pub mod record;
 pub mod schema;
+pub mod serve;
 pub mod store;
 pub mod time;
 pub mod verify;

@@ -32,6 +32,7 @@ const P_LOG: u8 = b'L';
 const P_STREAM: u8 = b'S';
 const P_KEY: u8 = b'K';
 const P_META: u8 = b'M';
+const P_SUBJECT: u8 = b'C';
 
 pub const LOCK_FILE: &str = "pdledger.lock";
 const STORE_DIR: &str = "store";
@@ -70,6 +71,35 @@ pub struct Store {
     _lock: File,
 }
 
+/// A keyspace beside the log: plain keys and values, no ordering guarantees with the log.
+#[derive(Clone)]
+pub struct Kv {
+    tree: sled::Tree,
+}
+
+impl Kv {
+    pub fn get(&self, key: &[u8]) -> Result<Option<Value>, StoreError> {
+        Ok(self.tree.get(key)?.map(Value))
+    }
+    pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.tree.insert(key, value)?;
+        Ok(())
+    }
+    pub fn remove(&self, key: &[u8]) -> Result<(), StoreError> {
+        self.tree.remove(key)?;
+        Ok(())
+    }
+    pub fn scan(&self, prefix: &[u8]) -> impl Iterator<Item = Result<(Vec<u8>, Value), StoreError>> + '_ {
+        self.tree.scan_prefix(prefix).map(|kv| {
+            let (k, v) = kv?;
+            Ok((k.to_vec(), Value(v)))
+        })
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+}
+
 /// What one commit writes, in order.
 #[derive(Default)]
 pub struct WriteBatch {
@@ -90,6 +120,17 @@ impl WriteBatch {
         let mut v = position.to_be_bytes().to_vec();
         v.extend_from_slice(&hash.0);
         self.put(meta_key("head"), &v);
+    }
+    /// Marks a subject as existing, from the position that created it.
+    pub fn put_subject(&mut self, subject: Uuid, position: Position) {
+        let mut k = vec![P_SUBJECT];
+        k.extend_from_slice(subject.as_bytes());
+        self.put(k, &position.to_be_bytes());
+    }
+    pub fn remove_subject(&mut self, subject: Uuid) {
+        let mut k = vec![P_SUBJECT];
+        k.extend_from_slice(subject.as_bytes());
+        self.ops.push((k, None));
     }
     pub fn put_meta(&mut self, name: &str, value: &[u8]) {
         self.put(meta_key(name), value);
@@ -333,6 +374,28 @@ impl Store {
             let pos = be_u64(&v).ok_or(StoreError::Meta("stream value"))?;
             Ok((version, pos))
         })
+    }
+
+    /// The position that created a subject, if it exists.
+    pub fn subject_created(&self, subject: Uuid) -> Result<Option<Position>, StoreError> {
+        let mut k = vec![P_SUBJECT];
+        k.extend_from_slice(subject.as_bytes());
+        Ok(self.tree.get(k)?.and_then(|v| be_u64(&v)))
+    }
+
+    /// The log before `before`, newest first.
+    pub fn records_rev(&self, before: Position) -> impl Iterator<Item = Result<(Position, Value), StoreError>> + '_ {
+        self.tree.range(log_key(1)..log_key(before)).rev().map(|kv| {
+            let (k, v) = kv?;
+            let pos = be_u64(&k[1..]).ok_or(StoreError::Meta("log key"))?;
+            Ok((pos, Value(v)))
+        })
+    }
+
+    /// A separate keyspace for records that are not part of the log (users, sessions). Its
+    /// writes become durable with the next commit or `sync`.
+    pub fn kv(&self, name: &str) -> Result<Kv, StoreError> {
+        Ok(Kv { tree: self.db.open_tree(format!("kv:{name}"))? })
     }
 
     pub fn wrapped_key(&self, subject: Uuid, category: u8) -> Result<Option<Value>, StoreError> {

@@ -39,6 +39,8 @@ pub struct PreparedEvent {
 pub enum Op {
     /// Append events to one subject's stream, all or nothing.
     Append { subject: Uuid, expected_version: Option<u64>, events: Vec<PreparedEvent>, actor: String },
+    /// Creates a subject with no events yet (a `subject.created` ledger event).
+    Create { subject: Uuid, actor: String },
     /// A ledger event in clear (never personal data): audit entries, erasures, rotations.
     Note { subject: Option<Uuid>, event_type: String, json: Value, actor: String },
 }
@@ -47,7 +49,7 @@ impl Op {
     fn len(&self) -> usize {
         match self {
             Op::Append { events, .. } => events.len(),
-            Op::Note { .. } => 1,
+            Op::Create { .. } | Op::Note { .. } => 1,
         }
     }
 }
@@ -67,6 +69,8 @@ pub struct Committed {
 /// Expected outcomes are kept apart from failures, so `?` cannot turn a conflict into a 500.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejected {
+    #[error("subject {0} exists already")]
+    SubjectExists(Uuid),
     #[error("version conflict on subject {subject}: expected {expected}, current {current}")]
     VersionConflict { op: usize, subject: Uuid, expected: u64, current: u64 },
 }
@@ -319,7 +323,7 @@ impl Writer {
             return;
         }
         let master = self.shared.master();
-        let mut g = Group { pending: vec![], staged_versions: HashMap::new(), new_keys: vec![] };
+        let mut g = Group { pending: vec![], staged_versions: HashMap::new(), new_keys: vec![], creates: vec![] };
         let mut accepted: Vec<Staged> = vec![];
         let now = crate::time::now_ms().max(self.last_ms);
 
@@ -373,6 +377,9 @@ impl Writer {
             }
             hash = h;
             hashes.push(h);
+        }
+        for (subject, at) in &g.creates {
+            batch.put_subject(*subject, *at);
         }
         let pos = self.head + hashes.len() as u64;
         batch.put_head(pos, &hash);
@@ -431,6 +438,21 @@ impl Writer {
                 }
                 local.insert(*subject, current + events.len() as u64);
             }
+            if let Op::Create { subject, .. } = op {
+                let exists = local.contains_key(subject)
+                    || staged.contains_key(subject)
+                    || self
+                        .shared
+                        .store
+                        .subject_created(*subject)
+                        .map_err(|e| WriteError::Unavailable(e.to_string()))?
+                        .is_some()
+                    || self.current_version(*subject, staged).map_err(WriteError::Unavailable)? > 0;
+                if exists {
+                    return Err(WriteError::Rejected(Rejected::SubjectExists(*subject)));
+                }
+                local.insert(*subject, 0);
+            }
         }
         Ok(())
     }
@@ -447,6 +469,13 @@ impl Writer {
         match op {
             Op::Append { subject, events, actor, .. } => {
                 let mut version = self.current_version(subject, &g.staged_versions)?;
+                if version == 0
+                    && !g.staged_versions.contains_key(&subject)
+                    && self.shared.store.subject_created(subject).map_err(|e| e.to_string())?.is_none()
+                {
+                    // Appending to an unknown id creates the subject (idempotent if created).
+                    g.creates.push((subject, position(g)));
+                }
                 let first_version = version + 1;
                 let mut positions = Vec::with_capacity(events.len());
                 for ev in events {
@@ -492,6 +521,23 @@ impl Writer {
                     hash: ChainHash::GENESIS,
                 })
             }
+            Op::Create { subject, actor } => {
+                let at = position(g);
+                g.creates.push((subject, at));
+                g.staged_versions.insert(subject, 0);
+                let c = self.stage(
+                    Op::Note {
+                        subject: Some(subject),
+                        event_type: "subject.created".into(),
+                        json: serde_json::json!({ "subject": subject }),
+                        actor,
+                    },
+                    master,
+                    g,
+                    now,
+                )?;
+                Ok(c)
+            }
             Op::Note { subject, event_type, json, actor } => {
                 let header = Header {
                     kind: Kind::Ledger,
@@ -534,4 +580,6 @@ struct Group {
     pending: Vec<Pending>,
     staged_versions: HashMap<Uuid, u64>,
     new_keys: Vec<(Uuid, u8, Vec<u8>, Arc<SubjectKey>)>,
+    /// Subjects created by this group, and the position that created each.
+    creates: Vec<(Uuid, Position)>,
 }

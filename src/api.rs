@@ -1,0 +1,1117 @@
+//! The HTTP API (JSON under `/v1`), as a function: `router(state) -> Router`.
+//!
+//! Every route is added through `Routes::add`, which takes its permission: the table of
+//! routes and permissions is the router, the OpenAPI document and the authorization check at
+//! once, so a route cannot exist without a permission. The check runs on every request, from
+//! the caller's session (never from anything the client claims), and every denial, login and
+//! access to a subject is written to the audit trail before the response goes out.
+//!
+//! Request flow: limits (concurrency, time, body) → route → authorize → handler (typed input,
+//! validation, ledger) → audit (durable) → response. Only this module knows HTTP and JSON shapes.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{
+    ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, RawPathParams, Request, State,
+};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::MethodRouter;
+use axum::{Extension, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::audit::{self, Action, Entry, Outcome};
+use crate::auth::{Auth, AuthError, Caller, Login, Role};
+use crate::ledger::{EventError, Ledger, Payload};
+use crate::writer::{Op, Rejected, WriteError};
+
+/// Limits on every request. Each is a flag of `pdledger serve` (see the README).
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    pub body_bytes_max: usize,
+    pub page_max: usize,
+    pub concurrency_max: usize,
+    pub request_secs: u64,
+    pub wait_secs_max: u64,
+    /// Records one audit query may scan before it returns a cursor.
+    pub audit_scan_max: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> ApiConfig {
+        ApiConfig {
+            body_bytes_max: 1 << 20,
+            page_max: 1000,
+            concurrency_max: 512,
+            request_secs: 30,
+            wait_secs_max: 30,
+            audit_scan_max: 200_000,
+        }
+    }
+}
+
+/// What a role may do. One permission per route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Permission {
+    /// No token needed.
+    Public,
+    /// Any logged-in user, acting on their own account.
+    OwnAccount,
+    ManageUsers,
+    CreateSubject,
+    Append,
+    ReadSubjects,
+    ReadAudit,
+    VerifyLedger,
+}
+
+impl Permission {
+    pub fn allows(self, role: Role) -> bool {
+        use Role::*;
+        match self {
+            Permission::Public | Permission::OwnAccount => true,
+            Permission::ManageUsers => role == Admin,
+            Permission::CreateSubject | Permission::Append => matches!(role, Staff | Dpo | Service),
+            Permission::ReadSubjects => matches!(role, Staff | Dpo),
+            Permission::ReadAudit => matches!(role, Admin | Dpo | Auditor),
+            Permission::VerifyLedger => matches!(role, Admin | Auditor),
+        }
+    }
+}
+
+/// One row of the route table.
+#[derive(Clone, Debug, Serialize)]
+pub struct RouteInfo {
+    #[serde(serialize_with = "ser_method")]
+    pub method: Method,
+    pub path: &'static str,
+    pub permission: Permission,
+    pub summary: &'static str,
+}
+
+fn ser_method<S: serde::Serializer>(m: &Method, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(m.as_str())
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
+    latency: Mutex<BTreeMap<String, Histogram>>,
+    append_sizes: Mutex<Histogram>,
+    overloaded: std::sync::atomic::AtomicU64,
+}
+
+const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+const SIZE_BUCKETS: [f64; 12] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1000.0, 4096.0];
+
+#[derive(Default, Clone)]
+struct Histogram {
+    counts: [u64; 12],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, v: f64, buckets: &[f64; 12]) {
+        for (i, b) in buckets.iter().enumerate() {
+            if v <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+    fn render(&self, out: &mut String, name: &str, labels: &str, buckets: &[f64; 12]) {
+        use std::fmt::Write;
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, b) in buckets.iter().enumerate() {
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {}", self.counts[i]);
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub ledger: Arc<Ledger>,
+    pub auth: Arc<Auth>,
+    pub config: Arc<ApiConfig>,
+    pub metrics: Arc<Metrics>,
+    limiter: Arc<tokio::sync::Semaphore>,
+}
+
+impl AppState {
+    pub fn new(ledger: Arc<Ledger>, auth: Arc<Auth>, config: ApiConfig) -> AppState {
+        let limiter = Arc::new(tokio::sync::Semaphore::new(config.concurrency_max));
+        AppState { ledger, auth, config: Arc::new(config), metrics: Arc::default(), limiter }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors: one shape, `{"error": code, "message": text}`, never internals.
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    extra: Option<Value>,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into(), extra: None, retry_after: None }
+    }
+    fn with(mut self, extra: Value) -> ApiError {
+        self.extra = Some(extra);
+        self
+    }
+    fn retry_after(mut self, secs: u64) -> ApiError {
+        self.retry_after = Some(secs.max(1));
+        self
+    }
+    fn internal(detail: impl std::fmt::Display) -> ApiError {
+        tracing::error!(error = %detail, "internal error");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log")
+    }
+    fn unauthorized() -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required")
+    }
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"error": self.code, "message": self.message});
+        if let (Some(Value::Object(extra)), Some(obj)) = (self.extra, body.as_object_mut()) {
+            obj.extend(extra);
+        }
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if let Some(s) = self.retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> ApiError {
+        match e {
+            WriteError::Rejected(Rejected::VersionConflict { current, .. }) => {
+                ApiError::new(StatusCode::CONFLICT, "version_conflict", format!("the subject is at version {current}"))
+                    .with(json!({ "current_version": current }))
+            }
+            WriteError::Rejected(Rejected::SubjectExists(_)) => {
+                ApiError::new(StatusCode::CONFLICT, "exists", "subject exists")
+            }
+            WriteError::Overloaded => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "the ledger is busy; retry shortly")
+                    .retry_after(1)
+            }
+            WriteError::Unavailable(detail) => {
+                tracing::error!(error = %detail, "writer unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the ledger cannot write; an operator must look",
+                )
+                .retry_after(30)
+            }
+        }
+    }
+}
+
+impl From<crate::ledger::ReadError> for ApiError {
+    fn from(e: crate::ledger::ReadError) -> ApiError {
+        ApiError::internal(e)
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> ApiError {
+        match e {
+            AuthError::BadUsername | AuthError::BadPassword => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.to_string())
+            }
+            AuthError::Exists => ApiError::new(StatusCode::CONFLICT, "exists", e.to_string()),
+            AuthError::NoUser => ApiError::not_found(e.to_string()),
+            AuthError::BadToken => ApiError::unauthorized(),
+            AuthError::BadCode => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_code", e.to_string()),
+            AuthError::NotEnrolled => ApiError::new(StatusCode::CONFLICT, "not_enrolled", e.to_string()),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+/// A JSON body whose every rejection uses our error shape.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send Content-Type: application/json",
+            )),
+            Err(JsonRejection::BytesRejection(r)) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "the request body is over the limit"))
+            }
+            Err(JsonRejection::JsonSyntaxError(_)) => Err(ApiError::bad_request("the body is not valid JSON")),
+            Err(JsonRejection::JsonDataError(e)) => {
+                Err(ApiError::bad_request(format!("the body has the wrong shape: {}", body_error(&e.body_text()))))
+            }
+            Err(e) => Err(ApiError::bad_request(e.body_text())),
+        }
+    }
+}
+
+/// serde's messages for a wrong shape name fields and types, but may quote a value: keep
+/// the part before any quoted value.
+fn body_error(text: &str) -> String {
+    let t = text.trim_start_matches("Failed to deserialize the JSON body into the target type: ");
+    match t.find(": invalid value") {
+        Some(i) => t[..i].to_owned(),
+        None => t.split(" at line").next().unwrap_or(t).to_owned(),
+    }
+}
+
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e: QueryRejection| ApiError::bad_request(format!("bad query parameters: {}", e.body_text())))
+    }
+}
+
+/// The subject id in the path.
+pub struct SubjectId(pub Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for SubjectId {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        let params = RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::bad_request("no subject id"))?;
+        let id = params
+            .iter()
+            .find(|(k, _)| *k == "id")
+            .map(|(_, v)| v)
+            .ok_or_else(|| ApiError::bad_request("no subject id"))?;
+        Uuid::try_parse(id).map(SubjectId).map_err(|_| ApiError::bad_request("the subject id is not a UUID"))
+    }
+}
+
+/// The peer's address, as the listener saw it.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub SocketAddr);
+
+/// The client's address, when the server knows it.
+pub struct ClientAddr(pub Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, ApiError> {
+        Ok(ClientAddr(parts.extensions.get::<ConnectInfo<Peer>>().map(|c| c.0 .0.ip())))
+    }
+}
+
+/// Per-request context set by the middleware.
+#[derive(Clone)]
+pub struct RequestCtx {
+    pub request_id: String,
+    pub route: &'static str,
+}
+
+// ---------------------------------------------------------------------------------------
+// The route table.
+
+struct Routes {
+    state: AppState,
+    router: Router<AppState>,
+    table: Vec<RouteInfo>,
+}
+
+impl Routes {
+    fn add(
+        mut self,
+        method: Method,
+        path: &'static str,
+        permission: Permission,
+        summary: &'static str,
+        handler: MethodRouter<AppState>,
+    ) -> Routes {
+        let guard = middleware::from_fn_with_state((self.state.clone(), permission, path), authorize);
+        self.router = self.router.route(path, handler.route_layer(guard));
+        self.table.push(RouteInfo { method, path, permission, summary });
+        self
+    }
+}
+
+/// Every route, its permission and what it does: the one place where routes are defined.
+pub fn routes(state: AppState) -> (Router<AppState>, Vec<RouteInfo>) {
+    use axum::routing::{get, post};
+    use Permission::*;
+    let r = Routes { state, router: Router::new(), table: vec![] }
+        .add(Method::POST, "/v1/auth/login", Public, "Log in with username and password", post(login))
+        .add(
+            Method::POST,
+            "/v1/auth/totp",
+            Public,
+            "Second step: exchange the mfa token and a TOTP code for a session",
+            post(login_totp),
+        )
+        .add(Method::POST, "/v1/auth/logout", OwnAccount, "Revoke the caller's token", post(logout))
+        .add(Method::POST, "/v1/auth/totp/enroll", OwnAccount, "Start two-step login enrolment", post(totp_enroll))
+        .add(
+            Method::POST,
+            "/v1/auth/totp/activate",
+            OwnAccount,
+            "Activate two-step login with a first code",
+            post(totp_activate),
+        )
+        .add(Method::POST, "/v1/users", ManageUsers, "Create a user", post(user_create))
+        .add(Method::GET, "/v1/users", ManageUsers, "List users", get(user_list))
+        .add(
+            Method::POST,
+            "/v1/users/{name}/disable",
+            ManageUsers,
+            "Disable a user and revoke their tokens",
+            post(user_disable),
+        )
+        .add(Method::POST, "/v1/subjects", CreateSubject, "Create a subject", post(subject_create))
+        .add(
+            Method::POST,
+            "/v1/subjects/{id}/events",
+            Append,
+            "Append events to a subject, all or nothing",
+            post(append),
+        )
+        .add(Method::GET, "/v1/subjects/{id}/events", ReadSubjects, "Read a subject's events", get(read_events))
+        .add(Method::GET, "/v1/events", ReadSubjects, "The global log in order, with long-polling", get(feed))
+        .add(Method::GET, "/v1/audit", ReadAudit, "The audit trail, newest first", get(audit_list))
+        .add(Method::GET, "/v1/ledger/verify", VerifyLedger, "Verify the whole hash chain", get(ledger_verify))
+        .add(Method::GET, "/v1/ledger/head", VerifyLedger, "The ledger's head", get(ledger_head))
+        .add(Method::GET, "/healthz", Public, "Liveness", get(healthz))
+        .add(Method::GET, "/metrics", Public, "Prometheus metrics (no personal data, no subject ids)", get(metrics))
+        .add(Method::GET, "/openapi.json", Public, "This API's OpenAPI 3 document", get(openapi_doc));
+    (r.router, r.table)
+}
+
+/// The whole application: routes behind the global limits.
+pub fn router(state: AppState) -> Router {
+    let body_max = state.config.body_bytes_max;
+    let (router, table) = routes(state.clone());
+    let table = Arc::new(table);
+    router
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+        })
+        .layer(Extension(table))
+        .layer(DefaultBodyLimit::max(body_max))
+        .layer(middleware::from_fn_with_state(state.clone(), outer))
+        .with_state(state)
+}
+
+/// Concurrency limit, time limit, request id, metrics, access log, security headers.
+async fn outer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route =
+        req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
+    let method = req.method().as_str().to_owned();
+    let request_id = Uuid::new_v4().to_string();
+    req.extensions_mut().insert(RequestIdExt(request_id.clone()));
+    let mut resp = match state.limiter.clone().try_acquire_owned() {
+        Err(_) => {
+            state.metrics.overloaded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "too many requests in flight; retry shortly")
+                .retry_after(1)
+                .into_response()
+        }
+        Ok(permit) => {
+            let limit = Duration::from_secs(state.config.request_secs);
+            let r = match tokio::time::timeout(limit, next.run(req)).await {
+                Ok(r) => r,
+                Err(_) => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "timeout",
+                    "the request took too long; an append may still have been applied: read before retrying",
+                )
+                .retry_after(1)
+                .into_response(),
+            };
+            drop(permit);
+            r
+        }
+    };
+    let status = resp.status().as_u16();
+    let secs = started.elapsed().as_secs_f64();
+    {
+        *state
+            .metrics
+            .requests
+            .lock()
+            .expect("not poisoned")
+            .entry((route.clone(), method.clone(), status))
+            .or_default() += 1;
+        state.metrics.latency.lock().expect("not poisoned").entry(route.clone()).or_default().observe(secs, &BUCKETS);
+    }
+    // The route template only: raw paths and query strings can carry lookup values.
+    tracing::info!(request_id, method, route, status, ms = (secs * 1000.0) as u64, "request");
+    let h = resp.headers_mut();
+    h.insert("x-request-id", HeaderValue::from_str(&request_id).expect("uuid is a valid header"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));
+    resp
+}
+
+#[derive(Clone)]
+struct RequestIdExt(String);
+
+/// The authorization check, on every route: the caller from their token, the permission
+/// from the route table. Denials are audited before the answer goes out.
+async fn authorize(
+    State((state, permission, route)): State<(AppState, Permission, &'static str)>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let request_id = req.extensions().get::<RequestIdExt>().map(|r| r.0.clone()).unwrap_or_default();
+    req.extensions_mut().insert(RequestCtx { request_id: request_id.clone(), route });
+    if permission == Permission::Public {
+        return next.run(req).await;
+    }
+    let (mut parts, body) = req.into_parts();
+    let subject = SubjectId::from_request_parts(&mut parts, &state).await.ok().map(|s| s.0);
+    let token = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let caller = match token.map(|t| state.auth.authenticate(t)) {
+        Some(Ok(c)) => c,
+        Some(Err(AuthError::BadToken)) | None => {
+            let e = deny(&state, "", subject, &request_id, route).await;
+            return e.unwrap_or_else(ApiError::unauthorized).into_response();
+        }
+        Some(Err(e)) => return ApiError::from(e).into_response(),
+    };
+    if !permission.allows(caller.role) {
+        let e = deny(&state, &caller.username, subject, &request_id, route).await;
+        return e
+            .unwrap_or_else(|| {
+                ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    format!("the {} role may not do this", caller.role.name()),
+                )
+            })
+            .into_response();
+    }
+    let mut req = Request::from_parts(parts, body);
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+/// Audits a denied request. Returns an error to send instead if the audit could not be written.
+async fn deny(
+    state: &AppState,
+    actor: &str,
+    subject: Option<Uuid>,
+    request_id: &str,
+    route: &'static str,
+) -> Option<ApiError> {
+    let mut e = Entry::new(Action::Denied, subject, Outcome::Denied);
+    e.request_id = Some(request_id.to_owned());
+    e.route = Some(route.to_owned());
+    write_audit(state, actor, vec![e]).await.err()
+}
+
+/// Writes audit entries and waits until they are durable.
+async fn write_audit(state: &AppState, actor: &str, entries: Vec<Entry>) -> Result<(), ApiError> {
+    let ops = entries.into_iter().map(|e| e.into_op(actor)).collect();
+    submit(state, ops).await.map(|_| ())
+}
+
+async fn submit(state: &AppState, ops: Vec<Op>) -> Result<Vec<crate::writer::Committed>, ApiError> {
+    let rx = state.ledger.writer().try_submit(ops)?;
+    let reply = rx.await.map_err(|_| WriteError::Unavailable("writer stopped".into()))?;
+    Ok(reply?)
+}
+
+fn entry(ctx: &RequestCtx, action: Action, subject: Option<Uuid>, outcome: Outcome) -> Entry {
+    let mut e = Entry::new(action, subject, outcome);
+    e.request_id = Some(ctx.request_id.clone());
+    e.route = Some(ctx.route.to_owned());
+    e
+}
+
+// ---------------------------------------------------------------------------------------
+// Authentication.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginBody {
+    username: String,
+    password: String,
+}
+
+fn check_len(what: &str, s: &str, max: usize) -> Result<(), ApiError> {
+    if s.len() > max {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", format!("{what} is too long")));
+    }
+    Ok(())
+}
+
+async fn login(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestCtx>,
+    ClientAddr(addr): ClientAddr,
+    ApiJson(body): ApiJson<LoginBody>,
+) -> Result<Response, ApiError> {
+    check_len("username", &body.username, 256)?;
+    check_len("password", &body.password, 4 * crate::auth::PASSWORD_CHARS_MAX)?;
+    let auth = state.auth.clone();
+    let outcome = tokio::task::spawn_blocking(move || auth.login(&body.username, &body.password, addr))
+        .await
+        .map_err(ApiError::internal)??;
+    finish_login(&state, &ctx, outcome).await
+}
+
+async fn finish_login(state: &AppState, ctx: &RequestCtx, outcome: Login) -> Result<Response, ApiError> {
+    match outcome {
+        Login::Session { token, expires_at_ms, username } => {
+            write_audit(state, &username, vec![entry(ctx, Action::Login, None, Outcome::Ok)]).await?;
+            Ok(axum::Json(json!({"token": token, "expires_at": crate::time::rfc3339(expires_at_ms)})).into_response())
+        }
+        Login::MfaRequired { mfa_token, username } => {
+            // The password step passed; the login is not complete until the second step.
+            let mut e = entry(ctx, Action::Login, None, Outcome::Ok);
+            e.target = Some("password".into());
+            write_audit(state, &username, vec![e]).await?;
+            Ok(axum::Json(json!({"mfa_required": true, "mfa_token": mfa_token})).into_response())
+        }
+        Login::Invalid { username } => {
+            // Unknown names are not recorded: they are often passwords typed in the wrong box.
+            write_audit(
+                state,
+                username.as_deref().unwrap_or(""),
+                vec![entry(ctx, Action::LoginFailed, None, Outcome::Failed)],
+            )
+            .await?;
+            Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_credentials", "wrong username, password or code"))
+        }
+        Login::Locked { retry_after_secs } => {
+            write_audit(state, "", vec![entry(ctx, Action::LoginFailed, None, Outcome::Denied)]).await?;
+            Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many failed logins; wait and retry")
+                .retry_after(retry_after_secs))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TotpBody {
+    mfa_token: String,
+    code: String,
+}
+
+async fn login_totp(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestCtx>,
+    ClientAddr(addr): ClientAddr,
+    ApiJson(body): ApiJson<TotpBody>,
+) -> Result<Response, ApiError> {
+    check_len("mfa_token", &body.mfa_token, 128)?;
+    check_len("code", &body.code, 16)?;
+    let key = state.ledger.credentials_key();
+    let (_, outcome) = state.auth.login_totp(&body.mfa_token, &body.code, addr, &key)?;
+    finish_login(&state, &ctx, outcome).await
+}
+
+async fn logout(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestCtx>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    state.auth.logout(&caller)?;
+    // The audit write's fsync also makes the session's removal durable.
+    write_audit(&state, &caller.username, vec![entry(&ctx, Action::Logout, None, Outcome::Ok)]).await?;
+    Ok(axum::Json(json!({"logged_out": true})).into_response())
+}
+
+async fn totp_enroll(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestCtx>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    let key = state.ledger.credentials_key();
+    let (secret, uri) = state.auth.totp_enroll(&caller.username, &key)?;
+    write_audit(&state, &caller.username, vec![entry(&ctx, Action::TotpEnrolled, None, Outcome::Ok)]).await?;
+    Ok(axum::Json(json!({"secret": secret, "otpauth_uri": uri})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CodeBody {
+    code: String,
+}
+
+async fn totp_activate(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestCtx>,
+    Extension(caller): Extension<Caller>,
+    ApiJson(body): ApiJson<CodeBody>,
+) -> Result<Response, ApiError> {
+    check_len("code", &body.code, 16)?;
+    let key = state.ledger.credentials_key();
+    let result = state.auth.totp_activate(&caller.username, &body.code, &key);
+    let outcome = if result.is_ok() { Outcome::Ok } else { Outcome::Failed };
+    write_audit(&state, &caller.username, vec![entry(&ctx, Action::TotpActivated, None, outcome)]).await?;
+    result?;
+    Ok(axum::Json(json!({"active": true})).into_response())
+}
+
+// ---------------------------------------------------------------------------------------
+// Users.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUser {
+    username: String,
+    password: String,
+    role: String,
+}
+
+async fn user_create(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestCtx>,
+    Extension(caller): Extension<Caller>,
+    ApiJson(body): ApiJson<NewUser>,
+) -> Result<Response, ApiError> {
+    check_len("password", &body.password, 4 * crate::auth::PASSWORD_CHARS_MAX)?;
+    let role: Role =
+        body.role.parse().map_err(|e: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e))?;
+    let auth = state.auth.clone();
+    let username = body.username.clone();
+    let user = tokio::task::spawn_blocking(move || auth.create_user(&body.username, &body.password, role))
+        .await
+        .map_err(ApiError::internal)??;
+    let mut e = entry(&ctx, Action::UserCreated, None, Outcome::Ok);
+    e.target = Some(username);
+    write_audit(&state, &caller.username, vec![e]).await?;
+    Ok((StatusCode::CREATED, axum::Json(json!({"username": user.username, "role": user.role}))).into_response())
+}
+
+async fn user_list(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let users: Vec<Value> = state
+        .auth
+        .users()?
+        .into_iter()
+        .map(|u| json!({"username": u.username, "role": u.role, "disabled": u.disabled, "totp": u.has_totp()}))
+        .collect();
+    Ok(axum::Json(json!({ "users": users })).into_response())
+}
+
+async fn user_disable(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestCtx>,
+    Extension(caller): Extension<Caller>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    if !crate::auth::username_is_valid(&name) {
+        return Err(ApiError::not_found("no such user"));
+    }
+    state.auth.disable(&name)?;
+    let mut e = entry(&ctx, Action::UserDisabled, None, Outcome::Ok);
+    e.target = Some(name.clone());
+    write_audit(&state, &caller.username, vec![e]).await?;
+    Ok(axum::Json(json!({"username": name, "disabled": true})).into_response())
+}
+
+// ---------------------------------------------------------------------------------------
+// Subjects and events.
+
+async fn subject_create(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestCtx>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    let subject = Uuid::new_v4();
+    let ops = vec![
+        Op::Create { subject, actor: caller.username.clone() },
+        entry(&ctx, Action::SubjectCreated, Some(subject), Outcome::Ok).into_op(&caller.username),
+    ];
+    submit(&state, ops).await?;
+    Ok((StatusCode::CREATED, axum::Json(json!({ "id": subject }))).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AppendBody {
+    #[serde(default)]
+    expected_version: Option<u64>,
+    events: Vec<NewEvent>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewEvent {
+    #[serde(rename = "type")]
+    event_type: String,
+    #[serde(default)]
+    occurred_at: Option<String>,
+    data: Value,
+}
+
+async fn append(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestCtx>,
+    Extension(caller): Extension<Caller>,
+    SubjectId(subject): SubjectId,
+    ApiJson(body): ApiJson<AppendBody>,
+) -> Result<Response, ApiError> {
+    let max = state.ledger.limits().events_per_append_max;
+    if body.events.len() > max {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_events",
+            format!("at most {max} events per request"),
+        ));
+    }
+    if body.events.is_empty() {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", "an append needs at least one event"));
+    }
+    let mut prepared = Vec::with_capacity(body.events.len());
+    for (i, ev) in body.events.into_iter().enumerate() {
+        match state.ledger.prepare(&ev.event_type, ev.occurred_at.as_deref(), ev.data) {
+            Ok(p) => prepared.push(p),
+            Err(e) => return Err(event_error(i, e)),
+        }
+    }
+    state.metrics.append_sizes.lock().expect("not poisoned").observe(prepared.len() as f64, &SIZE_BUCKETS);
+    let ops = vec![
+        Op::Append {
+            subject,
+            expected_version: body.expected_version,
+            events: prepared,
+            actor: caller.username.clone(),
+        },
+        entry(&ctx, Action::Append, Some(subject), Outcome::Ok).into_op(&caller.username),
+    ];
+    match submit(&state, ops).await {
+        Ok(mut done) => {
+            let c = done.remove(0);
+            Ok((
+                StatusCode::CREATED,
+                axum::Json(json!({
+                    "subject": subject, "first_version": c.first_version, "last_version": c.last_version, "positions": c.positions,
+                })),
+            )
+                .into_response())
+        }
+        Err(e) => {
+            if e.status == StatusCode::CONFLICT {
+                write_audit(
+                    &state,
+                    &caller.username,
+                    vec![entry(&ctx, Action::Append, Some(subject), Outcome::Failed)],
+                )
+                .await?;
+            }
+            Err(e)
+        }
+    }
+}
+
+fn event_error(index: usize, e: EventError) -> ApiError {
+    let (code, pointer) = match &e {
+        EventError::Schema(v) => ("schema_violation", format!("/events/{index}{}", data_pointer(v.pointer()))),
+        EventError::OccurredAt => ("invalid", format!("/events/{index}/occurred_at")),
+        EventError::TooLarge { .. } => ("too_large", format!("/events/{index}/data")),
+        _ => ("invalid", format!("/events/{index}")),
+    };
+    let status = if matches!(e, EventError::TooLarge { .. }) {
+        StatusCode::PAYLOAD_TOO_LARGE
+    } else {
+        StatusCode::UNPROCESSABLE_ENTITY
+    };
+    ApiError::new(status, code, format!("event {index}: {e}")).with(json!({"index": index, "pointer": pointer}))
+}
+
+fn data_pointer(p: &str) -> String {
+    if p == "/type" {
+        "/type".into()
+    } else {
+        format!("/data{p}")
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadParams {
+    #[serde(default)]
+    after_version: u64,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+async fn read_events(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestCtx>,
+    Extension(caller): Extension<Caller>,
+    SubjectId(subject): SubjectId,
+    ApiQuery(q): ApiQuery<ReadParams>,
+) -> Result<Response, ApiError> {
+    let limit = q.limit.unwrap_or(state.config.page_max).clamp(1, state.config.page_max);
+    if !state.ledger.subject_exists(subject)? {
+        write_audit(&state, &caller.username, vec![entry(&ctx, Action::Read, Some(subject), Outcome::Failed)]).await?;
+        return Err(ApiError::not_found("no such subject"));
+    }
+    let ledger = state.ledger.clone();
+    let (version, events) = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::ledger::ReadError>((
+            ledger.stream_version(subject)?,
+            ledger.read_stream(subject, q.after_version, limit)?,
+        ))
+    })
+    .await
+    .map_err(ApiError::internal)??;
+    // The access is durable in the trail before any personal data leaves.
+    write_audit(&state, &caller.username, vec![entry(&ctx, Action::Read, Some(subject), Outcome::Ok)]).await?;
+    let events: Vec<Value> = events
+        .into_iter()
+        .map(|e| {
+            json!({"version": e.version, "position": e.position, "type": e.event_type, "occurred_at": e.occurred_at,
+                   "recorded_at": e.recorded_at, "actor": e.actor, "data": e.data})
+        })
+        .collect();
+    Ok(axum::Json(json!({"subject": subject, "version": version, "events": events})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FeedParams {
+    #[serde(default)]
+    after_position: u64,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default, rename = "type")]
+    event_type: Option<String>,
+    #[serde(default)]
+    wait: Option<u64>,
+}
+
+async fn feed(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestCtx>,
+    Extension(caller): Extension<Caller>,
+    ApiQuery(q): ApiQuery<FeedParams>,
+) -> Result<Response, ApiError> {
+    let limit = q.limit.unwrap_or(100).clamp(1, state.config.page_max);
+    let wait = Duration::from_secs(q.wait.unwrap_or(0).min(state.config.wait_secs_max));
+    if let Some(t) = &q.event_type {
+        if state.ledger.schemas().current(t).is_none() {
+            return Err(ApiError::bad_request("unknown event type"));
+        }
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut head = state.ledger.subscribe();
+    loop {
+        let ledger = state.ledger.clone();
+        let (after, t) = (q.after_position, q.event_type.clone());
+        // Scan at most a bounded number of records per request, matching or not.
+        let scan_max = limit.saturating_mul(20).max(10_000);
+        let (events, next) = tokio::task::spawn_blocking(move || {
+            let mut out = vec![];
+            let mut next = after;
+            for (scanned, entry) in ledger.log(after + 1).enumerate() {
+                let entry = entry?;
+                next = entry.header.position;
+                let wanted = entry.header.kind == crate::record::Kind::Sealed
+                    && t.as_deref().is_none_or(|t| t == entry.header.event_type);
+                if wanted {
+                    out.push(entry);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+                if scanned + 1 >= scan_max {
+                    break;
+                }
+            }
+            Ok::<_, crate::ledger::ReadError>((out, next))
+        })
+        .await
+        .map_err(ApiError::internal)??;
+        if events.is_empty() && tokio::time::Instant::now() < deadline && next == q.after_position {
+            let current = *head.borrow_and_update();
+            if current <= q.after_position {
+                let _ = tokio::time::timeout_at(deadline, head.changed()).await;
+                if tokio::time::Instant::now() < deadline {
+                    continue;
+                }
+            } else {
+                continue;
+            }
+        }
+        let mut subjects: Vec<Uuid> = events.iter().map(|e| e.header.subject).collect();
+        subjects.sort_unstable();
+        subjects.dedup();
+        if !subjects.is_empty() {
+            let entries = subjects.into_iter().map(|s| entry(&ctx, Action::Read, Some(s), Outcome::Ok)).collect();
+            write_audit(&state, &caller.username, entries).await?;
+        }
+        let events: Vec<Value> = events
+            .into_iter()
+            .map(|e| {
+                let h = &e.header;
+                let mut v = json!({"position": h.position, "subject": h.subject, "version": h.version, "type": h.event_type,
+                                   "recorded_at": crate::time::rfc3339(h.recorded_at_ms)});
+                match e.payload {
+                    Payload::Event { occurred_at, data } => {
+                        v["occurred_at"] = json!(occurred_at);
+                        v["data"] = data;
+                    }
+                    _ => v["erased"] = json!(true),
+                }
+                v
+            })
+            .collect();
+        return Ok(axum::Json(json!({"events": events, "next_position": next})).into_response());
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Audit and ledger.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditParams {
+    #[serde(default)]
+    subject: Option<Uuid>,
+    #[serde(default)]
+    actor: Option<String>,
+    #[serde(default)]
+    action: Option<String>,
+    #[serde(default)]
+    since: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    cursor: Option<u64>,
+}
+
+async fn audit_list(State(state): State<AppState>, ApiQuery(q): ApiQuery<AuditParams>) -> Result<Response, ApiError> {
+    let action = match &q.action {
+        Some(a) => Some(a.parse::<Action>().map_err(ApiError::bad_request)?),
+        None => None,
+    };
+    let since_ms = match &q.since {
+        Some(s) => Some(
+            crate::time::parse_timestamp(s)
+                .ok_or_else(|| ApiError::bad_request("since must be YYYY-MM-DD or an RFC 3339 UTC time"))?,
+        ),
+        None => None,
+    };
+    let filter = audit::Filter { subject: q.subject, actor: q.actor, action, since_ms };
+    let limit = q.limit.unwrap_or(100).clamp(1, state.config.page_max);
+    let before = q.cursor.unwrap_or(u64::MAX);
+    let (ledger, scan_max) = (state.ledger.clone(), state.config.audit_scan_max);
+    let page = tokio::task::spawn_blocking(move || audit::query(&ledger, &filter, before, limit, scan_max))
+        .await
+        .map_err(ApiError::internal)??;
+    Ok(axum::Json(json!({"entries": page.entries, "next_cursor": page.next_cursor})).into_response())
+}
+
+async fn ledger_verify(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestCtx>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    let ledger = state.ledger.clone();
+    let report = tokio::task::spawn_blocking(move || crate::verify::verify(ledger.store(), None, |_| {}))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
+    let outcome = if report.ok { Outcome::Ok } else { Outcome::Failed };
+    write_audit(&state, &caller.username, vec![entry(&ctx, Action::Verify, None, outcome)]).await?;
+    Ok(axum::Json(serde_json::to_value(&report).map_err(ApiError::internal)?).into_response())
+}
+
+async fn ledger_head(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let (position, hash) = state.ledger.head()?;
+    Ok(axum::Json(json!({"position": position, "hash": hash.to_hex()})).into_response())
+}
+
+async fn healthz() -> Response {
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "# TYPE pdledger_http_requests_total counter");
+    for ((route, method, status), n) in state.metrics.requests.lock().expect("not poisoned").iter() {
+        let _ = writeln!(
+            out,
+            "pdledger_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {n}"
+        );
+    }
+    let _ = writeln!(out, "# TYPE pdledger_http_request_duration_seconds histogram");
+    for (route, h) in state.metrics.latency.lock().expect("not poisoned").iter() {
+        h.render(&mut out, "pdledger_http_request_duration_seconds", &format!("route=\"{route}\""), &BUCKETS);
+    }
+    let _ = writeln!(out, "# TYPE pdledger_append_events histogram");
+    state.metrics.append_sizes.lock().expect("not poisoned").render(
+        &mut out,
+        "pdledger_append_events",
+        "",
+        &SIZE_BUCKETS,
+    );
+    let (commits, fsyncs) = state.ledger.commit_counts();
+    let _ = writeln!(out, "# TYPE pdledger_group_commits_total counter\npdledger_group_commits_total {commits}");
+    let _ = writeln!(out, "# TYPE pdledger_fsyncs_total counter\npdledger_fsyncs_total {fsyncs}");
+    let head = state.ledger.head().map(|h| h.0).unwrap_or(0);
+    let _ = writeln!(out, "# TYPE pdledger_head_position gauge\npdledger_head_position {head}");
+    let overloaded = state.metrics.overloaded.load(std::sync::atomic::Ordering::Relaxed);
+    let _ = writeln!(out, "# TYPE pdledger_overloaded_total counter\npdledger_overloaded_total {overloaded}");
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+async fn openapi_doc(Extension(table): Extension<Arc<Vec<RouteInfo>>>) -> Response {
+    axum::Json(crate::api_doc::document(&table)).into_response()
+}
+
+/// Convenience for tests and tools: the routes as (METHOD, path, permission).
+pub fn route_table(state: AppState) -> Vec<RouteInfo> {
+    routes(state).1
+}
