@@ -156,6 +156,11 @@ impl AppState {
         let limiter = Arc::new(tokio::sync::Semaphore::new(config.concurrency_max));
         AppState { ledger, auth, config: Arc::new(config), metrics: Arc::default(), limiter }
     }
+
+    /// Requests being handled right now (they hold a concurrency slot).
+    pub fn requests_in_flight(&self) -> usize {
+        self.config.concurrency_max - self.limiter.available_permits()
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -166,7 +171,7 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
-    extra: Option<Value>,
+    extra: Option<Box<Value>>,
     retry_after: Option<u64>,
 }
 
@@ -175,7 +180,7 @@ impl ApiError {
         ApiError { status, code, message: message.into(), extra: None, retry_after: None }
     }
     fn with(mut self, extra: Value) -> ApiError {
-        self.extra = Some(extra);
+        self.extra = Some(Box::new(extra));
         self
     }
     fn retry_after(mut self, secs: u64) -> ApiError {
@@ -200,7 +205,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = json!({"error": self.code, "message": self.message});
-        if let (Some(Value::Object(extra)), Some(obj)) = (self.extra, body.as_object_mut()) {
+        if let (Some(Value::Object(extra)), Some(obj)) = (self.extra.map(|b| *b), body.as_object_mut()) {
             obj.extend(extra);
         }
         let mut resp = (self.status, axum::Json(body)).into_response();

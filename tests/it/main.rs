@@ -4,9 +4,13 @@
 //!   ciphertext binding, concurrent appenders.
 //! - `durability`: the fsync proof under strace, and kill -9 of an appending process.
 //! - `cli`: the command line: bad input, exit codes, a held data directory.
+//! - `http`: the HTTP API through the router: roles × routes, logins, lockout, appends, audit.
+//! - `server`: the real `pdledger serve` over TLS on a loopback socket.
 
 mod support;
 
 mod cli;
 mod core;
 mod durability;
+mod http;
+mod server;

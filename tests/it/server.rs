@@ -1,0 +1,183 @@
+//! The real server: the `pdledger serve` binary on 127.0.0.1:0 over TLS, a real HTTPS client,
+//! a refused plain-HTTP connection, and a graceful shutdown that loses no acknowledged append.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl Server {
+    /// Starts `pdledger serve` and waits for its banner (the port is in it).
+    pub fn start(s: &Scratch, extra: &[&str]) -> Server {
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let mut child = s
+            .cli_cmd(&args)
+            .env("PDLEDGER_ADMIN_PASSWORD", crate::http::PASSWORD)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut port = 0;
+        let mut tls = true;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(rest) = line.split("serving ").nth(1) {
+                tls = rest.starts_with("https://");
+                port = rest.rsplit(':').next().unwrap().trim().parse().unwrap();
+            }
+            if line.starts_with("Then send the token") {
+                break;
+            }
+        }
+        assert!(port > 0, "no port in the banner");
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, port, tls }
+    }
+
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+}
+
+/// A minimal HTTPS (or HTTP) client: one connection per request.
+pub struct Client {
+    port: u16,
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl Client {
+    pub fn new(server: &Server, data: &Path) -> Client {
+        let tls = server.tls.then(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(data.join("tls/cert.pem")).unwrap() {
+                roots.add(cert.unwrap()).unwrap();
+            }
+            let config =
+                rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+        });
+        Client { port: server.port, tls }
+    }
+
+    pub async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
+        let tcp = TcpStream::connect(("127.0.0.1", self.port)).await.unwrap();
+        let mut req = hyper::Request::builder().method(method).uri(path).header("host", "localhost");
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let body = match body {
+            Some(v) => {
+                req = req.header("content-type", "application/json");
+                Full::new(Bytes::from(v.to_string()))
+            }
+            None => Full::new(Bytes::new()),
+        };
+        let req = req.body(body).unwrap();
+        let resp = match &self.tls {
+            Some(c) => {
+                let stream = c.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+                let (mut send, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+                tokio::spawn(conn);
+                send.send_request(req).await.unwrap()
+            }
+            None => {
+                let (mut send, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+                tokio::spawn(conn);
+                send.send_request(req).await.unwrap()
+            }
+        };
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    pub async fn login(&self, user: &str, password: &str) -> String {
+        let (status, body) =
+            self.call("POST", "/v1/auth/login", None, Some(json!({"username": user, "password": password}))).await;
+        assert_eq!(status, 200, "{body}");
+        body["token"].as_str().unwrap().to_owned()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_server_over_tls_and_graceful_shutdown() {
+    let s = Scratch::new();
+    let server = Server::start(&s, &[]);
+    assert!(server.tls);
+    let client = Client::new(&server, &s.data());
+
+    // Plain HTTP to the TLS port gets no HTTP answer.
+    let mut tcp = TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tcp.read(&mut buf).await.unwrap_or(0);
+    assert!(!String::from_utf8_lossy(&buf[..n]).contains("HTTP/1.1 200"), "plain HTTP was served on the TLS port");
+
+    let (status, body) = client.call("GET", "/healthz", None, None).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
+    let admin = client.login("admin", crate::http::PASSWORD).await;
+    let (status, _) = client
+        .call(
+            "POST",
+            "/v1/users",
+            Some(&admin),
+            Some(json!({"username": "sara", "password": "sara-has-a-long-password", "role": "staff"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let staff = client.login("sara", "sara-has-a-long-password").await;
+    let subject = uuid::Uuid::new_v4();
+    let mut positions = vec![];
+    for i in 0..20 {
+        let body = json!({"events": [{"type": "note.added", "data": {"text": format!("note {i}")}}]});
+        let (status, r) =
+            client.call("POST", &format!("/v1/subjects/{subject}/events"), Some(&staff), Some(body)).await;
+        assert_eq!(status, 201, "{r}");
+        positions.push(r["positions"][0].as_u64().unwrap());
+    }
+    let (status, r) = client.call("GET", &format!("/v1/subjects/{subject}/events"), Some(&staff), None).await;
+    assert_eq!((status, r["version"].as_u64()), (200, Some(20)));
+
+    // SIGTERM: a clean exit, and every acknowledged append is there afterwards.
+    let exit = server.stop();
+    assert!(exit.success(), "{exit:?}");
+    let ledger = s.open();
+    let events = ledger.read_stream(subject, 0, 100).unwrap();
+    assert_eq!(events.iter().map(|e| e.position).collect::<Vec<_>>(), positions);
+    drop(ledger);
+    assert_eq!(s.cli(&["verify"]).status.code(), Some(0));
+}
+
+#[test]
+fn plain_http_is_refused_off_loopback() {
+    let s = Scratch::new();
+    let out = s.cli(&["serve", "--plain-http", "--listen", "0.0.0.0:0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--plain-http is refused"), "{}", stderr(&out));
+}
