@@ -25,15 +25,25 @@ pub struct Server {
 impl Server {
     /// Starts `pdledger serve` and waits for its banner (the port is in it).
     pub fn start(s: &Scratch, extra: &[&str]) -> Server {
+        Server::start_logged(s, extra, None)
+    }
+
+    /// Starts the server with its log (standard error) going to `log`, at the most verbose
+    /// level for pdledger's own code.
+    pub fn start_logged(s: &Scratch, extra: &[&str], log: Option<&Path>) -> Server {
         let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
         args.extend_from_slice(extra);
-        let mut child = s
-            .cli_cmd(&args)
-            .env("PDLEDGER_ADMIN_PASSWORD", crate::http::PASSWORD)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut cmd = s.cli_cmd(&args);
+        cmd.env("PDLEDGER_ADMIN_PASSWORD", crate::http::PASSWORD).stdout(Stdio::piped());
+        match log {
+            Some(p) => {
+                cmd.stderr(std::fs::File::create(p).unwrap()).env("RUST_LOG", "info,pdledger=trace");
+            }
+            None => {
+                cmd.stderr(Stdio::null());
+            }
+        }
+        let mut child = cmd.spawn().unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut port = 0;
         let mut tls = true;
@@ -180,4 +190,78 @@ fn plain_http_is_refused_off_loopback() {
     let out = s.cli(&["serve", "--plain-http", "--listen", "0.0.0.0:0"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--plain-http is refused"), "{}", stderr(&out));
+}
+
+/// Personal data sent through the API reaches neither the server's log nor its data
+/// directory, in any encoding; neither do passwords or tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_personal_in_logs_or_on_disk_after_http_traffic() {
+    let s = Scratch::new();
+    let log = s.root.path().join("server.log");
+    let server = Server::start_logged(&s, &[], Some(&log));
+    let client = Client::new(&server, &s.data());
+    let admin = client.login("admin", crate::http::PASSWORD).await;
+    let staff_pw = "staff-password-that-is-secret";
+    let (status, _) = client
+        .call(
+            "POST",
+            "/v1/users",
+            Some(&admin),
+            Some(json!({"username": "sara", "password": staff_pw, "role": "staff"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let staff = client.login("sara", staff_pw).await;
+    // A failed login with a password that looks like personal data.
+    let (status, _) = client
+        .call("POST", "/v1/auth/login", None, Some(json!({"username": "sara", "password": "Wrong-Password-Secret-42"})))
+        .await;
+    assert_eq!(status, 401);
+
+    // Forty customers from the sample register, appended and read back over HTTP, plus a
+    // schema violation that carries a value.
+    let events = sample();
+    let customers: Vec<&Value> = events.iter().filter(|e| e["type"] == "customer.registered").take(40).collect();
+    for e in &customers {
+        let subject = e["subject"].as_str().unwrap();
+        let body = json!({"events": [{"type": e["type"], "occurred_at": e["occurred_at"], "data": e["data"]}]});
+        let (status, r) =
+            client.call("POST", &format!("/v1/subjects/{subject}/events"), Some(&staff), Some(body)).await;
+        assert_eq!(status, 201, "{r}");
+        let (status, _) = client.call("GET", &format!("/v1/subjects/{subject}/events"), Some(&staff), None).await;
+        assert_eq!(status, 200);
+    }
+    let mut bad = customers[0]["data"].clone();
+    bad["email"] = json!("Invalid Email Address Of Someone");
+    let (status, _) = client
+        .call(
+            "POST",
+            &format!("/v1/subjects/{}/events", uuid::Uuid::new_v4()),
+            Some(&staff),
+            Some(json!({"events": [{"type": "customer.registered", "data": bad}]})),
+        )
+        .await;
+    assert_eq!(status, 422);
+    let (status, _) = client.call("GET", "/v1/events?after_position=0&limit=1000", Some(&staff), None).await;
+    assert_eq!(status, 200);
+    assert!(server.stop().success());
+
+    let mut values = known_values(&customers.iter().map(|v| (*v).clone()).collect::<Vec<_>>(), 100);
+    assert!(values.len() >= 50, "{}", values.len());
+    values.extend(
+        [
+            "Invalid Email Address Of Someone",
+            staff_pw,
+            "Wrong-Password-Secret-42",
+            crate::http::PASSWORD,
+            &admin[4..],
+            &staff[4..],
+        ]
+        .map(String::from),
+    );
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(log_text.contains("request"), "the log is empty: the scan would prove nothing");
+    let hits = scan(&[s.root.path()], &values);
+    let hits: Vec<_> = hits.into_iter().filter(|(_, _, p)| !p.ends_with("gen.jsonl")).collect();
+    assert!(hits.is_empty(), "found in the log or data directory: {:?}", &hits[..hits.len().min(5)]);
 }

@@ -1,0 +1,588 @@
+//! HTTP load generator: the API over real loopback sockets, each scenario beside the baseline
+//! it is judged against, in the same run and on the same machine:
+//!
+//! - `echo`: a bare axum handler on its own server that parses a ~640-byte JSON body into a
+//!   `serde_json::Value` and echoes it back (the floor: HTTP + JSON, no ledger).
+//! - `append (http)` / `append (tls)`: `POST /v1/subjects/{id}/events`, one ~500-byte
+//!   `note.added` event per request, each connection appending to its own subject.
+//! - `read (http)` / `read (tls)`: `GET /v1/subjects/{id}/events` on subjects of exactly 10 events.
+//!
+//! Every scenario: 64 keep-alive HTTP/1.1 connections on 127.0.0.1, each sending requests one
+//! after another, 1 s of warm-up (not counted), then `PDLEDGER_LOAD_SECS` seconds (default 8)
+//! or 2,000,000 requests, whichever comes first. Every latency is recorded; any non-2xx answer
+//! or transport error fails the run (after the table is printed).
+//!
+//! Client and servers share one tokio runtime and the machine's cores: the numbers are for
+//! comparing scenarios with each other, not a server's capacity on its own hardware.
+//!
+//! Run: `cargo bench --bench http_load` (or `PDLEDGER_LOAD_SECS=5 cargo bench --bench http_load`).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::routing::post;
+use axum::{Json, Router};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
+use hyper::{Method, Request, StatusCode};
+use pdledger::api::{self, ApiConfig, AppState, Peer};
+use pdledger::auth::{Auth, Role};
+use pdledger::keyring::Keyring;
+use pdledger::ledger::{Ledger, OpenOptions};
+use pdledger::schema::Schemas;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use uuid::Uuid;
+
+const CONNECTIONS: usize = 64;
+const WARMUP: Duration = Duration::from_secs(1);
+const DEFAULT_SECS: f64 = 8.0;
+const REQUESTS_MAX: u64 = 2_000_000;
+/// A request taking longer than this counts as an error (and its connection is replaced).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const READ_EVENTS: usize = 10;
+const USER: &str = "staff";
+const PASSWORD: &str = "a-long-enough-password";
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` does not: then only a short smoke run.
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let secs = match std::env::var("PDLEDGER_LOAD_SECS") {
+        Ok(s) => s.parse::<f64>().ok().filter(|s| *s > 0.0).expect("PDLEDGER_LOAD_SECS: a positive number of seconds"),
+        Err(_) if smoke => 0.5,
+        Err(_) => DEFAULT_SECS,
+    };
+    let warmup = if smoke { Duration::from_millis(200) } else { WARMUP };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    rt.block_on(run(Duration::from_secs_f64(secs), warmup));
+}
+
+async fn run(measure: Duration, warmup: Duration) {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    println!("http_load: {CONNECTIONS} keep-alive HTTP/1.1 connections per scenario on 127.0.0.1");
+    println!(
+        "warm-up: {:.1} s per scenario (not counted), then {:.1} s measured or {REQUESTS_MAX} requests",
+        warmup.as_secs_f64(),
+        measure.as_secs_f64()
+    );
+    println!("data dir: {} ({})", tmp.path().display(), fs_type(tmp.path()));
+    println!(
+        "client and servers share one tokio runtime ({} workers)\n",
+        tokio::runtime::Handle::current().metrics().num_workers()
+    );
+
+    let echo = start_echo().await;
+    let pd = Pd::start(tmp.path()).await;
+
+    let append_note = note_text(440);
+    let append_body = Bytes::from(note_body(&append_note, 1).to_string());
+    let echo_body = Bytes::from(echo_payload(640).to_string());
+    println!("bodies: echo request {} B, append request {} B", echo_body.len(), append_body.len());
+
+    // Pre-flight: each scenario's request gives the answer we expect before we time it.
+    let mut c = connect(&echo).await.expect("connect to echo");
+    let (status, body) = call(&mut c, &echo_request("/echo", &echo_body)).await.expect("echo");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap(), serde_json::from_slice::<Value>(&echo_body).unwrap());
+
+    let mut results = vec![];
+
+    // 1. echo
+    let templates = (0..CONNECTIONS).map(|_| echo_request("/echo", &echo_body)).collect();
+    results.push(scenario("echo", &echo, templates, warmup, measure).await);
+
+    // 2, 3. append
+    for (name, target) in [("append (http)", &pd.http), ("append (tls)", &pd.tls)] {
+        let subjects = pd.create_subjects(CONNECTIONS).await;
+        let templates = subjects
+            .iter()
+            .map(|s| pd.request(Method::POST, &format!("/v1/subjects/{s}/events"), Some(&append_body)))
+            .collect();
+        let r = scenario(name, target, templates, warmup, measure).await;
+        // Every acknowledged append is in its subject's stream, and nothing else is.
+        let mut stored = 0;
+        for s in &subjects {
+            stored += pd.ledger.stream_version(*s).expect("stream version");
+        }
+        if stored != r.ok_total {
+            eprintln!("!!! {name}: {} appends acknowledged but {stored} events stored", r.ok_total);
+        }
+        results.push(r);
+    }
+
+    // 4, 5. read: subjects of exactly 10 events, one per connection.
+    let subjects = pd.create_subjects(CONNECTIONS).await;
+    let ten = Bytes::from(
+        json!({"events": (0..READ_EVENTS).map(|i| note_body(&append_note, i)["events"][0].clone()).collect::<Vec<_>>()})
+            .to_string(),
+    );
+    let mut c = connect(&pd.http).await.expect("connect to pdledger");
+    for s in &subjects {
+        let (status, body) =
+            call(&mut c, &pd.request(Method::POST, &format!("/v1/subjects/{s}/events"), Some(&ten))).await.unwrap();
+        assert_eq!(status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&body));
+    }
+    let (status, body) =
+        call(&mut c, &pd.request(Method::GET, &format!("/v1/subjects/{}/events", subjects[0]), None)).await.unwrap();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["events"].as_array().map(Vec::len), Some(READ_EVENTS), "{v}");
+    println!("read response: {} B for {READ_EVENTS} events", body.len());
+    for (name, target) in [("read (http)", &pd.http), ("read (tls)", &pd.tls)] {
+        let templates =
+            subjects.iter().map(|s| pd.request(Method::GET, &format!("/v1/subjects/{s}/events"), None)).collect();
+        results.push(scenario(name, target, templates, warmup, measure).await);
+    }
+    for s in &subjects {
+        assert_eq!(pd.ledger.stream_version(*s).unwrap(), READ_EVENTS as u64);
+    }
+
+    report(&results);
+    let failed: Vec<_> = results.iter().filter(|r| r.non_2xx > 0 || r.errors > 0).collect();
+    if !failed.is_empty() {
+        for r in &failed {
+            eprintln!(
+                "!!! {}: {} non-2xx, {} transport errors; first: {}",
+                r.name,
+                r.non_2xx,
+                r.errors,
+                r.first_failure.as_deref().unwrap_or("?")
+            );
+        }
+        panic!("{} scenario(s) had failed requests: the numbers above are not valid", failed.len());
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Servers.
+
+/// Where to connect, and how.
+struct Target {
+    addr: SocketAddr,
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+async fn echo(Json(v): Json<Value>) -> Json<Value> {
+    Json(v)
+}
+
+async fn start_echo() -> Target {
+    let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = tcp.local_addr().unwrap();
+    let app = Router::new().route("/echo", post(echo));
+    tokio::spawn(async move { axum::serve(tcp, app).await.expect("echo server") });
+    Target { addr, tls: None }
+}
+
+/// pdledger in-process: one ledger, served over plain HTTP and over TLS.
+struct Pd {
+    ledger: Arc<Ledger>,
+    http: Target,
+    tls: Target,
+    bearer: HeaderValue,
+}
+
+impl Pd {
+    async fn start(dir: &Path) -> Pd {
+        let data = dir.join("data");
+        let ledger = Arc::new(
+            Ledger::open(OpenOptions {
+                data: data.clone(),
+                keyring: Keyring::Dir(dir.join("keyring")),
+                schemas: Arc::new(Schemas::builtin()),
+                holder: "load".into(),
+                limits: Default::default(),
+            })
+            .expect("open ledger"),
+        );
+        let auth = Arc::new(
+            Auth::new(ledger.store().kv("auth").unwrap(), Default::default(), pdledger::auth::system_clock()).unwrap(),
+        );
+        auth.create_user(USER, PASSWORD, Role::Staff).expect("create user");
+        let state = AppState::new(ledger.clone(), auth, ApiConfig { concurrency_max: 4096, ..Default::default() });
+        let app = api::router(state);
+
+        let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let http = Target { addr: tcp.local_addr().unwrap(), tls: None };
+        let make = app.clone().into_make_service_with_connect_info::<Peer>();
+        tokio::spawn(async move { axum::serve(tcp, make).await.expect("pdledger http") });
+
+        let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let tls_addr = tcp.local_addr().unwrap();
+        let (cert, key) = pdledger::serve::self_signed(&data, &tls_addr).expect("self-signed certificate");
+        let config = pdledger::serve::tls_config(&cert, &key).expect("tls config");
+        let listener = pdledger::serve::TlsListener::new(tcp, config).expect("tls listener");
+        let make = app.into_make_service_with_connect_info::<Peer>();
+        tokio::spawn(async move { axum::serve(listener, make).await.expect("pdledger tls") });
+        let tls = Target { addr: tls_addr, tls: Some(client_tls(&cert)) };
+
+        let mut c = connect(&http).await.expect("connect to pdledger");
+        let login = Bytes::from(json!({"username": USER, "password": PASSWORD}).to_string());
+        let (status, body) = call(&mut c, &echo_request("/v1/auth/login", &login)).await.expect("login");
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        assert_eq!(status, StatusCode::OK, "login: {v}");
+        let token = v["token"].as_str().expect("token");
+        let bearer = HeaderValue::from_str(&format!("Bearer {token}")).unwrap();
+        Pd { ledger, http, tls, bearer }
+    }
+
+    fn request(&self, method: Method, path: &str, body: Option<&Bytes>) -> Template {
+        Template {
+            method,
+            path: path.to_owned(),
+            body: body.cloned().unwrap_or_default(),
+            json: body.is_some(),
+            bearer: Some(self.bearer.clone()),
+        }
+    }
+
+    /// New subjects through the API, one per connection.
+    async fn create_subjects(&self, n: usize) -> Vec<Uuid> {
+        let mut c = connect(&self.http).await.expect("connect to pdledger");
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (status, body) = call(&mut c, &self.request(Method::POST, "/v1/subjects", None)).await.unwrap();
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            assert_eq!(status, StatusCode::CREATED, "create subject: {v}");
+            out.push(v["id"].as_str().and_then(|s| s.parse().ok()).expect("subject id"));
+        }
+        out
+    }
+}
+
+/// A client trusting only the self-signed certificate, speaking HTTP/1.1.
+fn client_tls(cert: &Path) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(cert).expect("cert.pem") {
+        roots.add(c.expect("certificate")).expect("trusted root");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+// ---------------------------------------------------------------------------------------
+// Bodies.
+
+/// Note text of `chars` characters (not all ASCII), like the ledger bench's.
+fn note_text(chars: usize) -> String {
+    "Ringde kunden angående ritningarna. ".repeat(chars / 30 + 1).chars().take(chars).collect()
+}
+
+fn note_body(text: &str, i: usize) -> Value {
+    let text = format!("{i:08} {}", &text[text.char_indices().nth(9).map_or(0, |(b, _)| b)..]);
+    json!({"events": [{"type": "note.added", "occurred_at": "2024-05-01", "data": {"text": text}}]})
+}
+
+/// The echo body: the append body's shape, ASCII text padded to `bytes` in all.
+fn echo_payload(bytes: usize) -> Value {
+    let shape =
+        |text: &str| json!({"events": [{"type": "note.added", "occurred_at": "2024-05-01", "data": {"text": text}}]});
+    let overhead = shape("").to_string().len();
+    let text: String =
+        "Called the customer about the drawings. ".repeat(bytes / 40 + 1).chars().take(bytes - overhead).collect();
+    shape(&text)
+}
+
+// ---------------------------------------------------------------------------------------
+// Client.
+
+/// One request, rebuilt for every send (the body bytes are shared, not copied).
+#[derive(Clone)]
+struct Template {
+    method: Method,
+    path: String,
+    body: Bytes,
+    json: bool,
+    bearer: Option<HeaderValue>,
+}
+
+impl Template {
+    fn build(&self) -> Request<Full<Bytes>> {
+        let mut r = Request::builder().method(self.method.clone()).uri(&self.path).header(HOST, "localhost");
+        if self.json {
+            r = r.header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+        if let Some(b) = &self.bearer {
+            r = r.header(AUTHORIZATION, b.clone());
+        }
+        r.body(Full::new(self.body.clone())).expect("valid request")
+    }
+}
+
+fn echo_request(path: &str, body: &Bytes) -> Template {
+    Template { method: Method::POST, path: path.to_owned(), body: body.clone(), json: true, bearer: None }
+}
+
+async fn connect(t: &Target) -> Result<SendRequest<Full<Bytes>>, BoxError> {
+    let tcp = TcpStream::connect(t.addr).await?;
+    tcp.set_nodelay(true)?;
+    match &t.tls {
+        None => {
+            let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+            tokio::spawn(conn);
+            Ok(send)
+        }
+        Some(c) => {
+            let stream = c.connect(ServerName::try_from("localhost")?, tcp).await?;
+            let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            Ok(send)
+        }
+    }
+}
+
+/// Sends one request and reads the whole answer (so the connection can be reused).
+async fn call(send: &mut SendRequest<Full<Bytes>>, t: &Template) -> Result<(StatusCode, Bytes), BoxError> {
+    send.ready().await?;
+    let resp = send.send_request(t.build()).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, body))
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenarios.
+
+struct WorkerResult {
+    /// Nanoseconds, measured phase only.
+    latencies: Vec<u64>,
+    /// 2xx answers, warm-up included.
+    ok_total: u64,
+    /// Warm-up included.
+    non_2xx: u64,
+    errors: u64,
+    first_failure: Option<String>,
+    last_done: Instant,
+}
+
+struct ScenarioResult {
+    name: &'static str,
+    requests: u64,
+    secs: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    ok_total: u64,
+    non_2xx: u64,
+    errors: u64,
+    first_failure: Option<String>,
+}
+
+impl ScenarioResult {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.secs
+    }
+}
+
+async fn scenario(
+    name: &'static str,
+    target: &Target,
+    templates: Vec<Template>,
+    warmup: Duration,
+    measure: Duration,
+) -> ScenarioResult {
+    // All connections first, so handshakes are neither timed nor staggered into the run.
+    let mut conns = Vec::with_capacity(templates.len());
+    for _ in &templates {
+        conns.push(connect(target).await.unwrap_or_else(|e| panic!("{name}: connect: {e}")));
+    }
+    let issued = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let (warm_end, end) = (start + warmup, start + warmup + measure);
+    let workers: Vec<_> = conns
+        .into_iter()
+        .zip(templates)
+        .map(|(send, t)| {
+            let target = Target { addr: target.addr, tls: target.tls.clone() };
+            tokio::spawn(worker(send, target, t, warm_end, end, issued.clone()))
+        })
+        .collect();
+    let mut all = Vec::new();
+    let (mut ok_total, mut non_2xx, mut errors, mut first_failure, mut last_done) = (0, 0, 0, None, warm_end);
+    for w in workers {
+        let r = w.await.expect("worker panicked");
+        all.extend_from_slice(&r.latencies);
+        ok_total += r.ok_total;
+        non_2xx += r.non_2xx;
+        errors += r.errors;
+        first_failure = first_failure.or(r.first_failure);
+        last_done = last_done.max(r.last_done);
+    }
+    all.sort_unstable();
+    let pct = |q: f64| -> f64 {
+        if all.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((q * all.len() as f64).ceil() as usize).clamp(1, all.len()) - 1;
+        all[i] as f64 / 1e6
+    };
+    let r = ScenarioResult {
+        name,
+        requests: all.len() as u64,
+        secs: (last_done - warm_end).as_secs_f64().max(1e-9),
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        max_ms: pct(1.0),
+        ok_total,
+        non_2xx,
+        errors,
+        first_failure,
+    };
+    println!(
+        "{name:>14}: {:>8} requests, {:>9.0} req/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, non-2xx {}, errors {}",
+        r.requests,
+        r.rps(),
+        r.p50_ms,
+        r.p99_ms,
+        r.max_ms,
+        r.non_2xx,
+        r.errors
+    );
+    r
+}
+
+async fn worker(
+    mut send: SendRequest<Full<Bytes>>,
+    target: Target,
+    t: Template,
+    warm_end: Instant,
+    end: Instant,
+    issued: Arc<AtomicU64>,
+) -> WorkerResult {
+    let mut r = WorkerResult {
+        latencies: Vec::with_capacity(16 * 1024),
+        ok_total: 0,
+        non_2xx: 0,
+        errors: 0,
+        first_failure: None,
+        last_done: warm_end,
+    };
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        let measured = now >= warm_end;
+        if measured && issued.fetch_add(1, Ordering::Relaxed) >= REQUESTS_MAX {
+            break;
+        }
+        let t0 = Instant::now();
+        let outcome = tokio::time::timeout(REQUEST_TIMEOUT, call(&mut send, &t)).await;
+        let done = Instant::now();
+        if measured {
+            r.latencies.push((done - t0).as_nanos() as u64);
+            r.last_done = done;
+        }
+        match outcome {
+            Ok(Ok((status, _))) if status.is_success() => r.ok_total += 1,
+            Ok(Ok((status, body))) => {
+                r.non_2xx += 1;
+                r.first_failure.get_or_insert_with(|| format!("{status}: {}", String::from_utf8_lossy(&body)));
+            }
+            failed => {
+                r.errors += 1;
+                let e = match failed {
+                    Err(_) => format!("no answer within {REQUEST_TIMEOUT:?}"),
+                    Ok(Err(e)) => e.to_string(),
+                    Ok(Ok(_)) => unreachable!(),
+                };
+                r.first_failure.get_or_insert(e);
+                // The connection is in an unknown state: replace it.
+                match connect(&target).await {
+                    Ok(s) => send = s,
+                    Err(e) => {
+                        r.first_failure.get_or_insert_with(|| format!("reconnect: {e}"));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    r
+}
+
+// ---------------------------------------------------------------------------------------
+// Report.
+
+fn report(results: &[ScenarioResult]) {
+    println!("\n| scenario | connections | requests | req/s | p50 ms | p99 ms | max ms | non-2xx | errors |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in results {
+        println!(
+            "| {} | {CONNECTIONS} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} |",
+            r.name,
+            r.requests,
+            r.rps(),
+            r.p50_ms,
+            r.p99_ms,
+            r.max_ms,
+            r.non_2xx,
+            r.errors
+        );
+    }
+    let get = |name: &str| results.iter().find(|r| r.name == name);
+    println!();
+    for (a, b) in [
+        ("append (http)", "echo"),
+        ("append (tls)", "append (http)"),
+        ("read (http)", "echo"),
+        ("read (tls)", "read (http)"),
+    ] {
+        if let (Some(x), Some(y)) = (get(a), get(b)) {
+            println!("{a} / {b}: throughput {:.3}x, p50 latency {:.2}x", x.rps() / y.rps(), x.p50_ms / y.p50_ms);
+        }
+    }
+    println!("\nnon-2xx and errors include the warm-up; requests, req/s and latencies do not.");
+    println!("nproc: {}", nproc());
+    println!("cpu: {}", cpu_model());
+}
+
+fn nproc() -> String {
+    std::process::Command::new("nproc")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or("?".into(), |n| n.to_string()))
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The file system holding `path` (from /proc/mounts): fsync costs differ widely between them.
+fn fs_type(path: &Path) -> String {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_owned());
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_dev, dir, fs) = (f.next()?, f.next()?, f.next()?);
+            path.starts_with(dir).then(|| (dir.len(), format!("{fs} at {dir}")))
+        })
+        .max_by_key(|(n, _)| *n)
+        .map_or_else(|| "unknown file system".into(), |(_, s)| s)
+}
