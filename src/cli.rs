@@ -200,7 +200,20 @@ fn open(data: &DataArgs, keys: &KeyArgs, holder: &str) -> anyhow::Result<Ledger>
     open_with(data, keys, holder, Limits::default())
 }
 
-fn open_with(data: &DataArgs, keys: &KeyArgs, holder: &str, limits: Limits) -> anyhow::Result<Ledger> {
+/// sled's page cache, from `PDLEDGER_CACHE_MB`, else `default_mb`.
+fn cache_bytes(default_mb: u64) -> anyhow::Result<u64> {
+    match std::env::var("PDLEDGER_CACHE_MB") {
+        Ok(v) => Ok(v.parse::<u64>().context("PDLEDGER_CACHE_MB must be a number of MiB")?.clamp(4, 1 << 20) << 20),
+        Err(_) => Ok(default_mb << 20),
+    }
+}
+
+/// Import streams writes and rereads little: a small page cache keeps a million-event import
+/// under 300 MB resident (measured in docs/BENCHMARKS.md).
+const IMPORT_CACHE_MB: u64 = 16;
+
+fn open_with(data: &DataArgs, keys: &KeyArgs, holder: &str, mut limits: Limits) -> anyhow::Result<Ledger> {
+    limits.cache_bytes = cache_bytes(limits.cache_bytes >> 20)?;
     let schemas = match &keys.schemas {
         Some(dir) => Schemas::load_dir(dir)?,
         None => Schemas::builtin(),
@@ -228,7 +241,8 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let mut out = std::io::stdout().lock();
     match cli.command {
         Command::Import { file, data, keys, batch, actor, json } => {
-            let ledger = open(&data, &keys, "pdledger import")?;
+            let limits = Limits { cache_bytes: IMPORT_CACHE_MB << 20, ..Limits::default() };
+            let ledger = open_with(&data, &keys, "pdledger import", limits)?;
             let input: Box<dyn BufRead + Send> = if file.as_os_str() == "-" {
                 Box::new(std::io::BufReader::new(std::io::stdin()))
             } else {
@@ -281,7 +295,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             }
         }
         Command::Verify { data, anchor, json } => {
-            let store = Store::open(&data.data, "pdledger verify", 64 << 20)?;
+            let store = Store::open(&data.data, "pdledger verify", cache_bytes(64)?)?;
             let report =
                 crate::verify::verify(&store, anchor, |n| progress_line(tty, &format!("verified {n} records")))?;
             progress_line(tty, "");
