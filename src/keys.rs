@@ -2,7 +2,7 @@
 //! kept in a bounded cache (cleared when full; keys zeroize when the last user drops them).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 use uuid::Uuid;
 
@@ -18,13 +18,13 @@ pub enum KeyError {
 }
 
 pub struct KeyCache {
-    map: Mutex<HashMap<(Uuid, u8), Arc<SubjectKey>>>,
+    map: RwLock<HashMap<(Uuid, u8), Arc<SubjectKey>>>,
     max: usize,
 }
 
 impl KeyCache {
     pub fn new(max: usize) -> KeyCache {
-        KeyCache { map: Mutex::new(HashMap::new()), max: max.max(1) }
+        KeyCache { map: RwLock::new(HashMap::new()), max: max.max(1) }
     }
 
     /// The subject's key for `category`, or `None` when the subject has none (never had
@@ -36,7 +36,7 @@ impl KeyCache {
         subject: Uuid,
         category: u8,
     ) -> Result<Option<Arc<SubjectKey>>, KeyError> {
-        if let Some(k) = self.map.lock().expect("not poisoned").get(&(subject, category)) {
+        if let Some(k) = self.map.read().expect("not poisoned").get(&(subject, category)) {
             return Ok(Some(k.clone()));
         }
         let Some(wrapped) = store.wrapped_key(subject, category)? else {
@@ -52,7 +52,7 @@ impl KeyCache {
     }
 
     pub fn insert(&self, subject: Uuid, category: u8, key: Arc<SubjectKey>) {
-        let mut map = self.map.lock().expect("not poisoned");
+        let mut map = self.map.write().expect("not poisoned");
         if map.len() >= self.max {
             map.clear();
         }
@@ -61,7 +61,7 @@ impl KeyCache {
 
     /// Forgets a subject's keys (erasure) or everything (rotation).
     pub fn forget(&self, subject: Option<Uuid>) {
-        let mut map = self.map.lock().expect("not poisoned");
+        let mut map = self.map.write().expect("not poisoned");
         match subject {
             Some(s) => map.retain(|(k, _), _| *k != s),
             None => map.clear(),

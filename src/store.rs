@@ -107,8 +107,8 @@ pub struct WriteBatch {
 }
 
 impl WriteBatch {
-    pub fn put_record(&mut self, position: Position, bytes: &[u8]) {
-        self.put(log_key(position), bytes);
+    pub fn put_record(&mut self, position: Position, bytes: Vec<u8>) {
+        self.ops.push((log_key(position), Some(bytes)));
     }
     pub fn put_stream(&mut self, subject: Uuid, version: u64, position: Position) {
         self.put(stream_key(subject, version), &position.to_be_bytes());

@@ -109,6 +109,8 @@ pub struct Shared {
     poisoned: AtomicBool,
     pub fsyncs: AtomicU64,
     pub commits: AtomicU64,
+    /// Groups handed to the syncer and not yet answered.
+    in_flight: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -123,6 +125,7 @@ impl Shared {
             poisoned: AtomicBool::new(false),
             fsyncs: AtomicU64::new(0),
             commits: AtomicU64::new(0),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -237,30 +240,38 @@ fn sync_loop(shared: Arc<Shared>, rx: Receiver<Applied>) {
         while let Ok(g) = rx.try_recv() {
             groups.push(g);
         }
-        let outcome = if shared.poisoned.load(Ordering::Acquire) {
-            Err("an earlier write failed".to_owned())
-        } else {
-            shared.store.sync().map_err(|e| e.to_string())
-        };
-        shared.fsyncs.fetch_add(1, Ordering::Relaxed);
-        match outcome {
-            Ok(()) => {
-                let head = groups.last().expect("at least one").head;
-                shared.durable.store(head, Ordering::Release);
-                shared.durable_watch.send_replace(head);
-                for g in groups {
-                    for s in g.accepted {
-                        let _ = s.reply.send(Ok(s.results));
-                    }
+        let n = groups.len();
+        make_durable(&shared, groups);
+        shared.in_flight.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// One flush + fsync for all these applied groups, then the durable head moves and every
+/// submitter in them is answered.
+fn make_durable(shared: &Shared, groups: Vec<Applied>) {
+    let outcome = if shared.poisoned.load(Ordering::Acquire) {
+        Err("an earlier write failed".to_owned())
+    } else {
+        shared.store.sync().map_err(|e| e.to_string())
+    };
+    shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+    match outcome {
+        Ok(()) => {
+            let head = groups.last().expect("at least one").head;
+            shared.durable.fetch_max(head, Ordering::AcqRel);
+            shared.durable_watch.send_replace(shared.durable.load(Ordering::Acquire));
+            for g in groups {
+                for s in g.accepted {
+                    let _ = s.reply.send(Ok(s.results));
                 }
             }
-            Err(msg) => {
-                tracing::error!(error = msg, "durable write failed; refusing further writes until restart");
-                shared.poisoned.store(true, Ordering::Release);
-                for g in groups {
-                    for s in g.accepted {
-                        let _ = s.reply.send(Err(WriteError::Unavailable(msg.clone())));
-                    }
+        }
+        Err(msg) => {
+            tracing::error!(error = msg, "durable write failed; refusing further writes until restart");
+            shared.poisoned.store(true, Ordering::Release);
+            for g in groups {
+                for s in g.accepted {
+                    let _ = s.reply.send(Err(WriteError::Unavailable(msg.clone())));
                 }
             }
         }
@@ -276,8 +287,9 @@ struct Staged {
 impl Writer {
     fn run(&mut self, rx: Receiver<Msg>) {
         let mut stopping = false;
+        let mut next: Option<Msg> = None;
         while !stopping {
-            let first = match rx.recv() {
+            let first = match next.take().map(Ok).unwrap_or_else(|| rx.recv()) {
                 Ok(Msg::Submit(s)) => s,
                 Ok(Msg::Stop) | Err(_) => break,
             };
@@ -296,7 +308,24 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit_group(group);
+            let Some(applied) = self.commit_group(group) else { continue };
+            // Nothing in flight and nothing waiting: sync here and save a thread hop (a lone
+            // appender's latency). Otherwise the syncer takes it and we move on to the next
+            // group while it waits for the disk.
+            let idle = self.shared.in_flight.load(Ordering::Acquire) == 0;
+            if idle && !stopping {
+                match rx.try_recv() {
+                    Ok(m) => next = Some(m),
+                    Err(_) => {
+                        make_durable(&self.shared, vec![applied]);
+                        continue;
+                    }
+                }
+            }
+            self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+            if self.syncer.send(applied).is_err() {
+                self.poison("the syncer thread stopped");
+            }
         }
     }
 
@@ -315,12 +344,14 @@ impl Writer {
         Ok(v)
     }
 
-    fn commit_group(&mut self, group: Vec<Submission>) {
+    /// Checks, seals and applies a group. Returns it for `make_durable`, or `None` when
+    /// nothing was accepted (every submitter has been answered).
+    fn commit_group(&mut self, group: Vec<Submission>) -> Option<Applied> {
         if self.shared.poisoned.load(Ordering::Acquire) {
             for s in group {
                 let _ = s.reply.send(Err(WriteError::Unavailable("an earlier write failed".into())));
             }
-            return;
+            return None;
         }
         let master = self.shared.master();
         let mut g = Group { pending: vec![], staged_versions: HashMap::new(), new_keys: vec![], creates: vec![] };
@@ -343,14 +374,14 @@ impl Writer {
                         for s in accepted {
                             let _ = s.reply.send(Err(WriteError::Unavailable("group aborted".into())));
                         }
-                        return;
+                        return None;
                     }
                 }
             }
             accepted.push(Staged { reply: sub.reply, results });
         }
         if accepted.is_empty() {
-            return;
+            return None;
         }
         self.shared.commits.fetch_add(1, Ordering::Relaxed);
 
@@ -371,7 +402,7 @@ impl Writer {
             let (bytes, h) = record::encode(&p.header, &p.nonce, &p.payload, &hash);
             // Our own bug, caught before it reaches the disk.
             debug_assert_eq!(record::decode(&bytes).map(|r| r.header), Ok(p.header.clone()));
-            batch.put_record(p.header.position, &bytes);
+            batch.put_record(p.header.position, bytes);
             if p.header.kind == Kind::Sealed {
                 batch.put_stream(p.header.subject, p.header.version, p.header.position);
             }
@@ -397,7 +428,7 @@ impl Writer {
             for s in accepted {
                 let _ = s.reply.send(Err(WriteError::Unavailable(msg.clone())));
             }
-            return;
+            return None;
         }
         self.head = pos;
         self.hash = hash;
@@ -411,9 +442,7 @@ impl Writer {
         for (subject, category, _, key) in g.new_keys {
             self.shared.keys.insert(subject, category, key);
         }
-        if self.syncer.send(Applied { head: pos, accepted }).is_err() {
-            self.poison("the syncer thread stopped");
-        }
+        Some(Applied { head: pos, accepted })
     }
 
     /// Checks a submission's expected versions against the log and what this group already

@@ -408,7 +408,7 @@ fn an_incomplete_commit_at_the_tail_is_removed_on_open() {
             h.position = pos;
             h.version = version;
             let (bytes, hash) = record::encode(&h, &last.nonce, &last.payload, &prev);
-            batch.put_record(pos, &bytes);
+            batch.put_record(pos, bytes);
             batch.put_stream(subject, version, pos);
             prev = hash;
         }
