@@ -213,7 +213,7 @@ impl Ledger {
         &self.shared.store
     }
 
-    /// Counters for metrics: (group commits, fsyncs).
+    /// Counters for metrics: (groups applied by the sequencer, fsyncs that made them durable).
     pub fn commit_counts(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
         (self.shared.commits.load(Relaxed), self.shared.fsyncs.load(Relaxed))
