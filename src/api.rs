@@ -21,7 +21,7 @@ use axum::extract::{
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::MethodRouter;
+use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::{Extension, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -364,16 +364,20 @@ struct Routes {
 }
 
 impl Routes {
-    fn add(
+    /// The only way a route gets into the router: with its method, path and permission, from
+    /// which the authorization check and the OpenAPI entry are made too.
+    fn add<H: axum::handler::Handler<T, AppState>, T: 'static>(
         mut self,
         method: Method,
         path: &'static str,
         permission: Permission,
         summary: &'static str,
-        handler: MethodRouter<AppState>,
+        handler: H,
     ) -> Routes {
         let guard = middleware::from_fn_with_state((self.state.clone(), permission, path), authorize);
-        self.router = self.router.route(path, handler.route_layer(guard));
+        let filter = MethodFilter::try_from(method.clone()).expect("a standard method");
+        let route: MethodRouter<AppState> = on(filter, handler);
+        self.router = self.router.route(path, route.route_layer(guard));
         self.table.push(RouteInfo { method, path, permission, summary });
         self
     }
@@ -381,51 +385,44 @@ impl Routes {
 
 /// Every route, its permission and what it does: the one place where routes are defined.
 pub fn routes(state: AppState) -> (Router<AppState>, Vec<RouteInfo>) {
-    use axum::routing::{get, post};
     use Permission::*;
     let r = Routes { state, router: Router::new(), table: vec![] }
-        .add(Method::POST, "/v1/auth/login", Public, "Log in with username and password", post(login))
+        .add(Method::POST, "/v1/auth/login", Public, "Log in with username and password", login)
         .add(
             Method::POST,
             "/v1/auth/totp",
             Public,
             "Second step: exchange the mfa token and a TOTP code for a session",
-            post(login_totp),
+            login_totp,
         )
-        .add(Method::POST, "/v1/auth/logout", OwnAccount, "Revoke the caller's token", post(logout))
-        .add(Method::POST, "/v1/auth/totp/enroll", OwnAccount, "Start two-step login enrolment", post(totp_enroll))
+        .add(Method::POST, "/v1/auth/logout", OwnAccount, "Revoke the caller's token", logout)
+        .add(Method::POST, "/v1/auth/totp/enroll", OwnAccount, "Start two-step login enrolment", totp_enroll)
         .add(
             Method::POST,
             "/v1/auth/totp/activate",
             OwnAccount,
             "Activate two-step login with a first code",
-            post(totp_activate),
+            totp_activate,
         )
-        .add(Method::POST, "/v1/users", ManageUsers, "Create a user", post(user_create))
-        .add(Method::GET, "/v1/users", ManageUsers, "List users", get(user_list))
+        .add(Method::POST, "/v1/users", ManageUsers, "Create a user", user_create)
+        .add(Method::GET, "/v1/users", ManageUsers, "List users", user_list)
         .add(
             Method::POST,
             "/v1/users/{name}/disable",
             ManageUsers,
             "Disable a user and revoke their tokens",
-            post(user_disable),
+            user_disable,
         )
-        .add(Method::POST, "/v1/subjects", CreateSubject, "Create a subject", post(subject_create))
-        .add(
-            Method::POST,
-            "/v1/subjects/{id}/events",
-            Append,
-            "Append events to a subject, all or nothing",
-            post(append),
-        )
-        .add(Method::GET, "/v1/subjects/{id}/events", ReadSubjects, "Read a subject's events", get(read_events))
-        .add(Method::GET, "/v1/events", ReadSubjects, "The global log in order, with long-polling", get(feed))
-        .add(Method::GET, "/v1/audit", ReadAudit, "The audit trail, newest first", get(audit_list))
-        .add(Method::GET, "/v1/ledger/verify", VerifyLedger, "Verify the whole hash chain", get(ledger_verify))
-        .add(Method::GET, "/v1/ledger/head", VerifyLedger, "The ledger's head", get(ledger_head))
-        .add(Method::GET, "/healthz", Public, "Liveness", get(healthz))
-        .add(Method::GET, "/metrics", Public, "Prometheus metrics (no personal data, no subject ids)", get(metrics))
-        .add(Method::GET, "/openapi.json", Public, "This API's OpenAPI 3 document", get(openapi_doc));
+        .add(Method::POST, "/v1/subjects", CreateSubject, "Create a subject", subject_create)
+        .add(Method::POST, "/v1/subjects/{id}/events", Append, "Append events to a subject, all or nothing", append)
+        .add(Method::GET, "/v1/subjects/{id}/events", ReadSubjects, "Read a subject's events", read_events)
+        .add(Method::GET, "/v1/events", ReadSubjects, "The global log in order, with long-polling", feed)
+        .add(Method::GET, "/v1/audit", ReadAudit, "The audit trail, newest first", audit_list)
+        .add(Method::GET, "/v1/ledger/verify", VerifyLedger, "Verify the whole hash chain", ledger_verify)
+        .add(Method::GET, "/v1/ledger/head", VerifyLedger, "The ledger's head", ledger_head)
+        .add(Method::GET, "/healthz", Public, "Liveness", healthz)
+        .add(Method::GET, "/metrics", Public, "Prometheus metrics (no personal data, no subject ids)", metrics)
+        .add(Method::GET, "/openapi.json", Public, "This API's OpenAPI 3 document", openapi_doc);
     (r.router, r.table)
 }
 
