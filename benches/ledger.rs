@@ -70,6 +70,30 @@ fn durable_append(c: &mut Criterion) {
         });
     });
 
+    // The same writes the ledger makes per event, as plain single inserts: the ~620-byte record
+    // under its position, the stream-index entry, and the head once per group.
+    g.bench_function(BenchmarkId::new("sled_raw_same_layout_fsync", APPENDERS), |b| {
+        let tmp = tempfile::tempdir().unwrap();
+        let (db, tree, file) = open_raw(tmp.path());
+        let record = vec![0x5au8; 620];
+        let mut k = 0u64;
+        b.iter(|| {
+            for _ in 0..APPENDERS {
+                k += 1;
+                let mut key = vec![b'L'];
+                key.extend_from_slice(&k.to_be_bytes());
+                tree.insert(key, record.as_slice()).unwrap();
+                let mut key = vec![b'S'];
+                key.extend_from_slice(Uuid::from_u128(k as u128 % 64).as_bytes());
+                key.extend_from_slice(&k.to_be_bytes());
+                tree.insert(key, k.to_be_bytes().as_slice()).unwrap();
+            }
+            tree.insert(b"Mhead".as_slice(), [1u8; 40].as_slice()).unwrap();
+            db.flush().unwrap();
+            file.sync_all().unwrap();
+        });
+    });
+
     g.bench_function(BenchmarkId::new("ledger_concurrent_appenders", APPENDERS), |b| {
         let tmp = tempfile::tempdir().unwrap();
         let ledger = Arc::new(open_ledger(tmp.path()));
