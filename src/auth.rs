@@ -548,7 +548,7 @@ impl Auth {
             key.open(&nonce, &totp_aad(&user.username), &sealed[24..])
                 .map_err(|e| AuthError::Damaged(e.to_string()))?,
         );
-        let totp = totp(secret.to_vec(), &user.username)?;
+        let totp = totp(secret.to_vec())?;
         let now_s = self.now() / 1000;
         let step_now = now_s / TOTP_STEP_SECS;
         for step in [step_now.saturating_sub(1), step_now, step_now + 1] {
@@ -566,8 +566,7 @@ fn totp_aad(username: &str) -> Vec<u8> {
     [b"pdledger totp v1 ".as_slice(), username.as_bytes()].concat()
 }
 
-fn totp(secret: Vec<u8>, username: &str) -> Result<totp_rs::TOTP, AuthError> {
-    let _ = username;
+fn totp(secret: Vec<u8>) -> Result<totp_rs::TOTP, AuthError> {
     totp_rs::TOTP::new(totp_rs::Algorithm::SHA1, 6, 1, TOTP_STEP_SECS, secret)
         .map_err(|e| AuthError::Internal(e.to_string()))
 }

@@ -318,17 +318,15 @@ impl Ledger {
 
     /// A subject's current stream version (0: no events).
     pub fn stream_version(&self, subject: Uuid) -> Result<u64, ReadError> {
-        // Not yet durable versions are not shown.
+        // Not yet durable versions are not shown; they can only be the newest.
         let durable = self.shared.durable();
-        let mut v = 0;
-        for item in self.shared.store.stream(subject, 0) {
+        for item in self.shared.store.stream_rev(subject) {
             let (version, pos) = item?;
-            if pos > durable {
-                break;
+            if pos <= durable {
+                return Ok(version);
             }
-            v = version;
         }
-        Ok(v)
+        Ok(0)
     }
 
     /// A subject's events after `after_version`, at most `limit`, decrypted. Shredded events

@@ -360,6 +360,16 @@ impl Store {
         }
     }
 
+    /// A subject's stream, newest first: (version, position).
+    pub fn stream_rev(&self, subject: Uuid) -> impl Iterator<Item = Result<(u64, Position), StoreError>> + '_ {
+        self.tree.scan_prefix(stream_prefix(subject)).rev().map(|kv| {
+            let (k, v) = kv?;
+            let version = be_u64(&k[17..]).ok_or(StoreError::Meta("stream key"))?;
+            let pos = be_u64(&v).ok_or(StoreError::Meta("stream value"))?;
+            Ok((version, pos))
+        })
+    }
+
     /// A subject's stream after `after_version`: (version, position), in order.
     pub fn stream(
         &self,
