@@ -293,13 +293,35 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     }
 }
 
-/// serde's messages for a wrong shape name fields and types, but may quote a value: keep
-/// the part before any quoted value.
+/// serde's messages for a wrong shape name fields (in backticks) and types, but quote values
+/// in double quotes: those are blanked, since a value may be personal.
 fn body_error(text: &str) -> String {
     let t = text.trim_start_matches("Failed to deserialize the JSON body into the target type: ");
-    match t.find(": invalid value") {
-        Some(i) => t[..i].to_owned(),
-        None => t.split(" at line").next().unwrap_or(t).to_owned(),
+    let t = t.split(" at line").next().unwrap_or(t);
+    let mut out = String::with_capacity(t.len());
+    let mut quoted = false;
+    for c in t.chars() {
+        if c == '"' {
+            quoted = !quoted;
+            if quoted {
+                out.push_str("\"…\"");
+            }
+        } else if !quoted {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn body_errors_do_not_quote_values() {
+        let e = super::body_error(
+            "Failed to deserialize the JSON body into the target type: events: invalid type: string \"Anna Svensson\", expected a sequence at line 1 column 30",
+        );
+        assert_eq!(e, "events: invalid type: string \"…\", expected a sequence");
+        assert!(!e.contains("Anna"));
     }
 }
 
