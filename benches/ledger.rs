@@ -301,6 +301,13 @@ fn primitives(c: &mut Criterion) {
         actor: "bench".into(),
     };
     let prev = pdledger::record::ChainHash::GENESIS;
+    let schemas = Schemas::builtin();
+    let customer = json!({"kind": "person", "name": "Erik Eriksson", "personal_number": "19810615-1502",
+        "email": "ckarlsson@example.com", "phone": "0345-58 73 78",
+        "address": {"street": "Backtorget 40", "postal_code": "20987", "city": "Karlskrona"}});
+    g.bench_function("schema_validate_customer_registered", |b| {
+        b.iter(|| schemas.validate("customer.registered", &customer).unwrap())
+    });
     g.bench_function("record_encode_and_chain_528B", |b| {
         b.iter(|| pdledger::record::encode(&header, &[0; 24], &plain[..VALUE_BYTES], &prev))
     });
