@@ -63,8 +63,12 @@ impl Server {
         Server { child, port, tls }
     }
 
-    pub fn stop(mut self) -> std::process::ExitStatus {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+    pub fn stop(self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM)
+    }
+
+    pub fn signal(mut self, sig: i32) -> std::process::ExitStatus {
+        unsafe { libc::kill(self.child.id() as i32, sig) };
         self.child.wait().unwrap()
     }
 }
@@ -182,6 +186,33 @@ async fn real_server_over_tls_and_graceful_shutdown() {
     assert_eq!(events.iter().map(|e| e.position).collect::<Vec<_>>(), positions);
     drop(ledger);
     assert_eq!(s.cli(&["verify"]).status.code(), Some(0));
+}
+
+/// Ctrl-C (SIGINT) shuts down as gracefully as SIGTERM, over plain HTTP on loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_shuts_down_gracefully() {
+    let s = Scratch::new();
+    let server = Server::start(&s, &["--plain-http"]);
+    assert!(!server.tls);
+    let client = Client::new(&server, &s.data());
+    let token = client.login("admin", crate::http::PASSWORD).await;
+    let (status, _) = client
+        .call(
+            "POST",
+            "/v1/users",
+            Some(&token),
+            Some(json!({"username": "svc", "password": "service-password-long", "role": "service"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let svc = client.login("svc", "service-password-long").await;
+    let subject = uuid::Uuid::new_v4();
+    let body = json!({"events": [{"type": "consent.given", "data": {"purpose": "newsletter", "channel": "email"}}]});
+    let (status, r) = client.call("POST", &format!("/v1/subjects/{subject}/events"), Some(&svc), Some(body)).await;
+    assert_eq!(status, 201, "{r}");
+    assert!(server.signal(libc::SIGINT).success());
+    let ledger = s.open();
+    assert_eq!(ledger.stream_version(subject).unwrap(), 1);
 }
 
 #[test]
