@@ -436,6 +436,13 @@ pub fn routes(state: AppState) -> (Router<AppState>, Vec<RouteInfo>) {
             user_disable,
         )
         .add(Method::POST, "/v1/subjects", CreateSubject, "Create a subject", subject_create)
+        .add(
+            Method::GET,
+            "/v1/subjects",
+            ReadSubjects,
+            "Find subjects by email, personal number or organisation number (blind index)",
+            lookup,
+        )
         .add(Method::POST, "/v1/subjects/{id}/events", Append, "Append events to a subject, all or nothing", append)
         .add(Method::GET, "/v1/subjects/{id}/events", ReadSubjects, "Read a subject's events", read_events)
         .add(Method::GET, "/v1/events", ReadSubjects, "The global log in order, with long-polling", feed)
@@ -796,6 +803,49 @@ async fn subject_create(
     ];
     submit(&state, ops).await?;
     Ok((StatusCode::CREATED, axum::Json(json!({ "id": subject }))).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LookupParams {
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    personal_number: Option<String>,
+    #[serde(default)]
+    org_number: Option<String>,
+}
+
+/// Subjects with a matching lookup value. The value is normalised and hashed with the index
+/// key; it is never logged or audited (the query string is not logged either).
+async fn lookup(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestCtx>,
+    Extension(caller): Extension<Caller>,
+    ApiQuery(q): ApiQuery<LookupParams>,
+) -> Result<Response, ApiError> {
+    use crate::lookup::LookupKey;
+    let given: Vec<(LookupKey, String)> = [
+        (LookupKey::Email, q.email),
+        (LookupKey::PersonalNumber, q.personal_number),
+        (LookupKey::OrgNumber, q.org_number),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.map(|v| (k, v)))
+    .collect();
+    let [(key, value)] = given.as_slice() else {
+        return Err(ApiError::bad_request("give exactly one of email, personal_number, org_number"));
+    };
+    check_len("the lookup value", value, 320).map_err(|_| ApiError::bad_request("the lookup value is too long"))?;
+    let subjects = state.ledger.lookup(*key, value, state.config.page_max)?;
+    // One entry per subject found; one without a subject when none matched.
+    let entries = if subjects.is_empty() {
+        vec![entry(&ctx, Action::Lookup, None, Outcome::Ok)]
+    } else {
+        subjects.iter().map(|s| entry(&ctx, Action::Lookup, Some(*s), Outcome::Ok)).collect()
+    };
+    write_audit(&state, &caller.username, entries).await?;
+    Ok(axum::Json(json!({ "subjects": subjects })).into_response())
 }
 
 #[derive(Deserialize)]

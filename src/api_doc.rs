@@ -34,6 +34,8 @@ fn schemas() -> Value {
         "User": {"type": "object", "required": ["username", "role"], "properties": {
             "username": {"type": "string"}, "role": {"type": "string"}, "disabled": {"type": "boolean"}, "totp": {"type": "boolean"}}},
         "Users": {"type": "object", "required": ["users"], "properties": {"users": {"type": "array", "items": {"$ref": "#/components/schemas/User"}}}},
+        "Subjects": {"type": "object", "required": ["subjects"], "properties": {
+            "subjects": {"type": "array", "items": {"type": "string", "format": "uuid"}}}},
         "SubjectCreated": {"type": "object", "required": ["id"], "properties": {"id": {"type": "string", "format": "uuid"}}},
         "Append": {"type": "object", "required": ["events"], "additionalProperties": false, "properties": {
             "expected_version": {"type": "integer", "minimum": 0},
@@ -90,6 +92,16 @@ fn shape(method: &str, path: &str) -> (Option<&'static str>, u16, &'static str, 
         ("GET", "/v1/users") => (None, 200, "Users", vec![]),
         ("POST", "/v1/users/{name}/disable") => (None, 200, "User", vec![]),
         ("POST", "/v1/subjects") => (None, 201, "SubjectCreated", vec![]),
+        ("GET", "/v1/subjects") => (
+            None,
+            200,
+            "Subjects",
+            vec![
+                str_param("email", "any letter case, surrounding spaces ignored"),
+                str_param("personal_number", "with or without the dash and the century digits"),
+                str_param("org_number", "with or without the dash"),
+            ],
+        ),
         ("POST", "/v1/subjects/{id}/events") => (Some("Append"), 201, "Appended", vec![]),
         ("GET", "/v1/subjects/{id}/events") => (
             None,

@@ -16,6 +16,7 @@ use uuid::Uuid;
 use crate::crypto::{CryptoError, MasterKey};
 use crate::keyring::{Keyring, KeyringError};
 use crate::keys::KeyError;
+use crate::lookup::LookupKey;
 use crate::record::{self, ChainHash, DecodeError, Header, Kind, Position, Record};
 use crate::schema::{Schemas, Violation};
 use crate::store::{Store, StoreError, WriteBatch};
@@ -280,17 +281,32 @@ impl Ledger {
             }
             None => crate::time::rfc3339(crate::time::now_ms()),
         };
-        let plaintext = serde_json::to_vec(&serde_json::json!({"occurred_at": occurred_at, "data": data}))
+        let plaintext = serde_json::to_vec(&serde_json::json!({"occurred_at": occurred_at, "data": &data}))
             .expect("a Value always serializes");
         let bytes = plaintext.len();
         if bytes > self.limits.event_bytes_max {
             return Err(EventError::TooLarge { bytes, max: self.limits.event_bytes_max });
+        }
+        let mut lookups = vec![];
+        if !schema.lookup.is_empty() {
+            let index_key = self.shared.master().index_key();
+            for (name, pointer) in &schema.lookup {
+                let (Some(key), Some(raw)) =
+                    (LookupKey::from_name(name), data.pointer(pointer).and_then(Value::as_str))
+                else {
+                    continue;
+                };
+                if let Some(value) = key.normalise(raw) {
+                    lookups.push((key as u8, index_key.blind(key.name(), &value)));
+                }
+            }
         }
         Ok(PreparedEvent {
             event_type: schema.event_type.clone(),
             schema_version: schema.version,
             category: schema.category as u8,
             plaintext: zeroize::Zeroizing::new(plaintext),
+            lookups,
         })
     }
 
@@ -309,6 +325,21 @@ impl Ledger {
     /// Submits operations as one all-or-nothing unit and waits until they are durable.
     pub fn submit(&self, ops: Vec<Op>) -> Reply {
         self.writer.submit_blocking(ops)
+    }
+
+    /// Subjects whose events carried this lookup value (normalised first), through the blind
+    /// index; only subjects that exist, at most `max`.
+    pub fn lookup(&self, key: LookupKey, raw: &str, max: usize) -> Result<Vec<Uuid>, ReadError> {
+        let Some(value) = key.normalise(raw) else { return Ok(vec![]) };
+        let blind = self.shared.master().index_key().blind(key.name(), &value);
+        let durable = self.shared.durable();
+        let mut out: Vec<Uuid> = vec![];
+        for (subject, at) in self.shared.store.lookup(key as u8, &blind, max)? {
+            if at <= durable && self.subject_exists(subject)? && !out.contains(&subject) {
+                out.push(subject);
+            }
+        }
+        Ok(out)
     }
 
     /// Whether a subject exists (created, or has events), as far as durable records go.
@@ -475,8 +506,16 @@ pub fn repair_tail(store: &Store, group_events_max: usize) -> Result<u64, OpenEr
         pos -= 1;
     }
     if removed > 0 {
-        batch.put_head(head.0, &head.1);
-        store.commit(batch)?;
+        // Blind-index entries of the removed events go first (a crash during the repair then
+        // leaves records that a later repair finds again, never index entries without them).
+        // A full scan of the index: this only runs after a crash cut a commit short.
+        let mut first = WriteBatch::default();
+        for key in store.index_entries_from(head.0 + 1)? {
+            first.remove_index_raw(key);
+        }
+        first.extend(batch);
+        first.put_head(head.0, &head.1);
+        store.commit(first)?;
         tracing::warn!(removed, head = head.0, "removed an unacknowledged, incomplete commit from the log's tail");
     }
     Ok(removed)

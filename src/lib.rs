@@ -12,6 +12,7 @@
 //! - [`store`]: the only module that knows sled: key layout, atomic durable commits, the lock.
 //! - [`keys`]: subject keys unwrapped on demand, cached in memory.
 //! - [`schema`]: event types, validation, data categories, lookup annotations.
+//! - [`lookup`]: lookup keys and how their values are normalised for the blind index.
 //! - [`writer`]: the single writer thread and group commit.
 //! - [`ledger`]: everything above joined: open, append, read, walk the log.
 //! - [`verify`]: keyless chain verification.
@@ -34,6 +35,7 @@ pub mod import;
 pub mod keyring;
 pub mod keys;
 pub mod ledger;
+pub mod lookup;
 pub mod record;
 pub mod schema;
 pub mod serve;

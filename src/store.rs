@@ -33,6 +33,7 @@ const P_STREAM: u8 = b'S';
 const P_KEY: u8 = b'K';
 const P_META: u8 = b'M';
 const P_SUBJECT: u8 = b'C';
+const P_INDEX: u8 = b'I';
 
 pub const LOCK_FILE: &str = "pdledger.lock";
 const STORE_DIR: &str = "store";
@@ -127,6 +128,14 @@ impl WriteBatch {
         k.extend_from_slice(subject.as_bytes());
         self.put(k, &position.to_be_bytes());
     }
+    /// A blind-index entry: this subject has an event at `position` whose lookup value
+    /// hashes to `blind`.
+    pub fn put_index(&mut self, kind: u8, blind: &[u8; 32], subject: Uuid, position: Position) {
+        self.put(index_key(kind, blind, subject), &position.to_be_bytes());
+    }
+    pub fn remove_index_raw(&mut self, key: Vec<u8>) {
+        self.ops.push((key, None));
+    }
     pub fn remove_subject(&mut self, subject: Uuid) {
         let mut k = vec![P_SUBJECT];
         k.extend_from_slice(subject.as_bytes());
@@ -146,6 +155,10 @@ impl WriteBatch {
     }
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
+    }
+    /// Appends another batch's writes after this one's.
+    pub fn extend(&mut self, other: WriteBatch) {
+        self.ops.extend(other.ops);
     }
 }
 
@@ -174,6 +187,15 @@ fn wrapped_key_key(subject: Uuid, category: u8) -> Vec<u8> {
     k.push(P_KEY);
     k.extend_from_slice(subject.as_bytes());
     k.push(category);
+    k
+}
+
+fn index_key(kind: u8, blind: &[u8; 32], subject: Uuid) -> Vec<u8> {
+    let mut k = Vec::with_capacity(50);
+    k.push(P_INDEX);
+    k.push(kind);
+    k.extend_from_slice(blind);
+    k.extend_from_slice(subject.as_bytes());
     k
 }
 
@@ -391,6 +413,34 @@ impl Store {
         let mut k = vec![P_SUBJECT];
         k.extend_from_slice(subject.as_bytes());
         Ok(self.tree.get(k)?.and_then(|v| be_u64(&v)))
+    }
+
+    /// Subjects with an index entry for this lookup hash, at most `max`, with the position
+    /// of the event that carried the value.
+    pub fn lookup(&self, kind: u8, blind: &[u8; 32], max: usize) -> Result<Vec<(Uuid, Position)>, StoreError> {
+        let mut prefix = vec![P_INDEX, kind];
+        prefix.extend_from_slice(blind);
+        self.tree
+            .scan_prefix(prefix)
+            .take(max)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let subject = Uuid::from_slice(&k[34..]).map_err(|_| StoreError::Meta("index key"))?;
+                Ok((subject, be_u64(&v).ok_or(StoreError::Meta("index value"))?))
+            })
+            .collect()
+    }
+
+    /// Index keys whose event is at or after `from` (for removing an incomplete tail).
+    pub fn index_entries_from(&self, from: Position) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut out = vec![];
+        for kv in self.tree.scan_prefix([P_INDEX]) {
+            let (k, v) = kv?;
+            if be_u64(&v).is_some_and(|p| p >= from) {
+                out.push(k.to_vec());
+            }
+        }
+        Ok(out)
     }
 
     /// The log before `before`, newest first.

@@ -32,6 +32,8 @@ pub struct PreparedEvent {
     pub category: u8,
     /// The JSON `{"occurred_at":..,"data":..}`: sealed by the writer, never stored in clear.
     pub plaintext: zeroize::Zeroizing<Vec<u8>>,
+    /// Blind-index entries: (lookup key, keyed hash of the normalised value).
+    pub lookups: Vec<(u8, [u8; 32])>,
 }
 
 /// One operation in a submission.
@@ -354,7 +356,13 @@ impl Writer {
             return None;
         }
         let master = self.shared.master();
-        let mut g = Group { pending: vec![], staged_versions: HashMap::new(), new_keys: vec![], creates: vec![] };
+        let mut g = Group {
+            pending: vec![],
+            staged_versions: HashMap::new(),
+            new_keys: vec![],
+            creates: vec![],
+            index: vec![],
+        };
         let mut accepted: Vec<Staged> = vec![];
         let now = crate::time::now_ms().max(self.last_ms);
 
@@ -411,6 +419,9 @@ impl Writer {
         }
         for (subject, at) in &g.creates {
             batch.put_subject(*subject, *at);
+        }
+        for (kind, blind, subject, at) in &g.index {
+            batch.put_index(*kind, blind, *subject, *at);
         }
         let pos = self.head + hashes.len() as u64;
         batch.put_head(pos, &hash);
@@ -538,6 +549,9 @@ impl Writer {
                     let (nonce, payload) =
                         key.seal(&record::seal_aad(&header), &ev.plaintext).map_err(|e| e.to_string())?;
                     positions.push(header.position);
+                    for (kind, blind) in ev.lookups {
+                        g.index.push((kind, blind, subject, header.position));
+                    }
                     g.pending.push(Pending { header, nonce, payload });
                 }
                 g.staged_versions.insert(subject, version);
@@ -611,4 +625,6 @@ struct Group {
     new_keys: Vec<(Uuid, u8, Vec<u8>, Arc<SubjectKey>)>,
     /// Subjects created by this group, and the position that created each.
     creates: Vec<(Uuid, Position)>,
+    /// Blind-index entries: (lookup key, hash, subject, position of the event).
+    index: Vec<(u8, [u8; 32], Uuid, Position)>,
 }

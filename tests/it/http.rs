@@ -156,6 +156,7 @@ async fn every_route_against_every_role() {
         (Method::GET, "/v1/users".into(), None, 200, Some(&["admin"])),
         (Method::POST, "/v1/users/{name}/disable".into(), None, 200, Some(&["admin"])),
         (Method::POST, "/v1/subjects".into(), None, 201, Some(&["staff", "dpo", "service"])),
+        (Method::GET, "/v1/subjects".into(), None, 200, Some(&["staff", "dpo"])),
         (Method::POST, "/v1/subjects/{id}/events".into(), Some(note("y")), 201, Some(&["staff", "dpo", "service"])),
         (Method::GET, "/v1/subjects/{id}/events".into(), None, 200, Some(&["staff", "dpo"])),
         (Method::GET, "/v1/events".into(), None, 200, Some(&["staff", "dpo"])),
@@ -188,7 +189,10 @@ async fn every_route_against_every_role() {
     let mut n = 0;
     for (who, fixed_token) in &callers {
         for (method, path, body, ok, allowed) in &table {
-            let path = path.replace("{id}", &subject.to_string()).replace("{name}", "victim");
+            let mut path = path.replace("{id}", &subject.to_string()).replace("{name}", "victim");
+            if *method == Method::GET && path == "/v1/subjects" {
+                path.push_str("?email=nobody%40example.com");
+            }
             let body = body.clone().map(|b| {
                 let s = b.to_string().replace("NEW", &format!("new-{who}-{n}"));
                 serde_json::from_str(&s).unwrap()
@@ -538,4 +542,64 @@ async fn overload_answers_503_with_retry_after() {
     assert_eq!(r.headers["retry-after"], "1");
     assert_eq!(r.body["error"], "overloaded");
     holder.abort();
+}
+
+/// Lookup through the blind index: email in any letter case and with spaces, personal number
+/// with or without dash and century digits, organisation number; nothing for unknown values;
+/// each lookup audited per subject found, without the value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_by_email_personal_and_org_number() {
+    let app = App::new();
+    let staff = app.login("staff").await;
+    let events = sample();
+    let mut person = None;
+    let mut company = None;
+    for e in events.iter().filter(|e| e["type"] == "customer.registered").take(30) {
+        let subject = e["subject"].as_str().unwrap();
+        let body =
+            json!({"events": [{"type": "customer.registered", "occurred_at": e["occurred_at"], "data": e["data"]}]});
+        let r = app.call(Method::POST, &format!("/v1/subjects/{subject}/events"), Some(&staff), Some(body)).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        if e["data"]["kind"] == "person" && person.is_none() {
+            person = Some(e.clone());
+        }
+        if e["data"]["kind"] == "company" && company.is_none() {
+            company = Some(e.clone());
+        }
+    }
+    let (person, company) = (person.unwrap(), company.unwrap());
+    let find = |q: String| {
+        let app = &app;
+        let staff = staff.clone();
+        async move {
+            let r = app.call(Method::GET, &format!("/v1/subjects?{q}"), Some(&staff), None).await;
+            assert_eq!(r.status, 200, "{q}: {}", r.body);
+            r.body["subjects"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect::<Vec<_>>()
+        }
+    };
+    let enc = |s: &str| s.replace('@', "%40").replace(' ', "%20").replace('+', "%2B");
+    let want = vec![person["subject"].as_str().unwrap().to_owned()];
+    let email = person["data"]["email"].as_str().unwrap();
+    assert_eq!(find(format!("email={}", enc(email))).await, want);
+    assert_eq!(find(format!("email={}", enc(&format!("  {}  ", email.to_uppercase())))).await, want);
+    let pn = person["data"]["personal_number"].as_str().unwrap(); // YYYYMMDD-NNNN
+    assert_eq!(find(format!("personal_number={pn}")).await, want);
+    assert_eq!(find(format!("personal_number={}", pn.replace('-', ""))).await, want);
+    assert_eq!(find(format!("personal_number={}", &pn[2..])).await, want);
+    let on = company["data"]["org_number"].as_str().unwrap();
+    let want_company = vec![company["subject"].as_str().unwrap().to_owned()];
+    assert_eq!(find(format!("org_number={on}")).await, want_company);
+    assert_eq!(find(format!("org_number={}", on.replace('-', ""))).await, want_company);
+    assert!(find("email=nobody%40example.org".into()).await.is_empty());
+    assert!(find("personal_number=19000101-0000".into()).await.is_empty());
+    // Exactly one kind of key per request.
+    let r = app.call(Method::GET, "/v1/subjects?email=a%40b.c&org_number=1", Some(&staff), None).await;
+    assert_eq!(r.status, 400);
+    let r = app.call(Method::GET, "/v1/subjects", Some(&staff), None).await;
+    assert_eq!(r.status, 400);
+    // Audited per subject found, never with the value.
+    let trail = app.audit(&format!("subject={}&action=lookup", want[0])).await;
+    assert_eq!(trail.len(), 5, "{trail:?}");
+    let everything = app.audit("action=lookup").await;
+    assert!(!serde_json::to_string(&everything).unwrap().contains(email));
 }
