@@ -43,6 +43,15 @@ fn open_raw(dir: &Path) -> (sled::Db, sled::Tree, File) {
     (db, tree, f)
 }
 
+/// The ledger's key shapes, for the raw baselines that write the same layout.
+fn raw_log_key(k: u64) -> Vec<u8> {
+    [&[b'L'][..], &k.to_be_bytes()].concat()
+}
+
+fn raw_stream_key(k: u64) -> Vec<u8> {
+    [&[b'S'][..], Uuid::from_u128(k as u128 % 64).as_bytes(), &k.to_be_bytes()].concat()
+}
+
 /// A note whose sealed payload is about 500 bytes.
 fn note(ledger: &Ledger, i: u64) -> pdledger::writer::PreparedEvent {
     let text = format!("{i:08} {}", "Ringde kunden angående ritningarna. ".repeat(12));
@@ -80,13 +89,8 @@ fn durable_append(c: &mut Criterion) {
         b.iter(|| {
             for _ in 0..APPENDERS {
                 k += 1;
-                let mut key = vec![b'L'];
-                key.extend_from_slice(&k.to_be_bytes());
-                tree.insert(key, record.as_slice()).unwrap();
-                let mut key = vec![b'S'];
-                key.extend_from_slice(Uuid::from_u128(k as u128 % 64).as_bytes());
-                key.extend_from_slice(&k.to_be_bytes());
-                tree.insert(key, k.to_be_bytes().as_slice()).unwrap();
+                tree.insert(raw_log_key(k), record.as_slice()).unwrap();
+                tree.insert(raw_stream_key(k), k.to_be_bytes().as_slice()).unwrap();
             }
             tree.insert(b"Mhead".as_slice(), [1u8; 40].as_slice()).unwrap();
             db.flush().unwrap();
@@ -197,12 +201,8 @@ fn single_append(c: &mut Criterion) {
         b.iter(|| {
             k += 1;
             let mut batch = sled::Batch::default();
-            let mut key = vec![b'L'];
-            key.extend_from_slice(&k.to_be_bytes());
-            batch.insert(key, value.as_slice());
-            let mut key = vec![b'S'; 17];
-            key.extend_from_slice(&k.to_be_bytes());
-            batch.insert(key, k.to_be_bytes().as_slice());
+            batch.insert(raw_log_key(k), value.as_slice());
+            batch.insert(raw_stream_key(k), k.to_be_bytes().as_slice());
             batch.insert(b"Mhead".as_slice(), [1u8; 40].as_slice());
             tree.apply_batch(batch).unwrap();
             db.flush().unwrap();
@@ -217,12 +217,8 @@ fn single_append(c: &mut Criterion) {
         let mut k = 0u64;
         b.iter(|| {
             k += 1;
-            let mut key = vec![b'L'];
-            key.extend_from_slice(&k.to_be_bytes());
-            tree.insert(key, value.as_slice()).unwrap();
-            let mut key = vec![b'S'; 17];
-            key.extend_from_slice(&k.to_be_bytes());
-            tree.insert(key, k.to_be_bytes().as_slice()).unwrap();
+            tree.insert(raw_log_key(k), value.as_slice()).unwrap();
+            tree.insert(raw_stream_key(k), k.to_be_bytes().as_slice()).unwrap();
             db.flush().unwrap();
             file.sync_all().unwrap();
         });
