@@ -315,20 +315,24 @@ impl Store {
 
     /// Flush and fsync whatever has been applied so far.
     pub fn sync(&self) -> Result<(), StoreError> {
+        // Blob files first: sled writes them when a large item is logged (before the flush),
+        // and the data file will point at them, so they must be on disk before it is.
+        let now = self.blob_names()?;
+        {
+            let mut synced = self.synced_blobs.lock().expect("not poisoned");
+            if now.len() != synced.len() || !now.is_subset(&synced) {
+                let blobs = self.dir.join(STORE_DIR).join("blobs");
+                for name in now.difference(&synced) {
+                    let p = blobs.join(name);
+                    File::open(&p).and_then(|f| f.sync_all()).map_err(io(&p))?;
+                }
+                File::open(&blobs).and_then(|f| f.sync_all()).map_err(io(&blobs))?;
+                *synced = now;
+            }
+        }
         self.db.flush()?;
         let data_path = self.dir.join(STORE_DIR).join("db");
         self.data_file.sync_all().map_err(io(&data_path))?;
-        let now = self.blob_names()?;
-        let mut synced = self.synced_blobs.lock().expect("not poisoned");
-        if now.len() != synced.len() || !now.is_subset(&synced) {
-            let blobs = self.dir.join(STORE_DIR).join("blobs");
-            for name in now.difference(&synced) {
-                let p = blobs.join(name);
-                File::open(&p).and_then(|f| f.sync_all()).map_err(io(&p))?;
-            }
-            File::open(&blobs).and_then(|f| f.sync_all()).map_err(io(&blobs))?;
-            *synced = now;
-        }
         Ok(())
     }
 
