@@ -540,7 +540,6 @@ async fn authorize(
         return next.run(req).await;
     }
     let (mut parts, body) = req.into_parts();
-    let subject = SubjectId::from_request_parts(&mut parts, &state).await.ok().map(|s| s.0);
     let token = parts
         .headers
         .get(header::AUTHORIZATION)
@@ -550,12 +549,14 @@ async fn authorize(
     let caller = match token.map(|t| state.auth.authenticate(t)) {
         Some(Ok(c)) => c,
         Some(Err(AuthError::BadToken)) | None => {
+            let subject = denied_subject(&mut parts, &state).await;
             let e = deny(&state, "", subject, &request_id, route).await;
             return e.unwrap_or_else(ApiError::unauthorized).into_response();
         }
         Some(Err(e)) => return ApiError::from(e).into_response(),
     };
     if !permission.allows(caller.role) {
+        let subject = denied_subject(&mut parts, &state).await;
         let e = deny(&state, &caller.username, subject, &request_id, route).await;
         return e
             .unwrap_or_else(|| {
@@ -570,6 +571,12 @@ async fn authorize(
     let mut req = Request::from_parts(parts, body);
     req.extensions_mut().insert(caller);
     next.run(req).await
+}
+
+/// The subject a denied request aimed at, for its audit entry: parsed only on denial, so
+/// allowed requests do not pay for it twice.
+async fn denied_subject(parts: &mut axum::http::request::Parts, state: &AppState) -> Option<Uuid> {
+    SubjectId::from_request_parts(parts, state).await.ok().map(|s| s.0)
 }
 
 /// Audits a denied request. Returns an error to send instead if the audit could not be written.

@@ -64,7 +64,8 @@ pub enum Outcome {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Entry {
     pub action: Action,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Always present in the JSON (`null` when the entry concerns no subject).
+    #[serde(default)]
     pub subject: Option<Uuid>,
     pub outcome: Outcome,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -92,21 +93,14 @@ impl Entry {
     }
 }
 
-/// What a reader of the trail sees.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+/// What a reader of the trail sees: the entry, with where and when it was recorded and by whom.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Line {
     pub position: Position,
     pub at: String,
     pub actor: String,
-    pub action: Action,
-    pub subject: Option<Uuid>,
-    pub outcome: Outcome,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub route: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target: Option<String>,
+    #[serde(flatten)]
+    pub entry: Entry,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -152,12 +146,7 @@ pub fn query(
                     position: header.position,
                     at: crate::time::rfc3339(header.recorded_at_ms),
                     actor: header.actor,
-                    action: e.action,
-                    subject: e.subject,
-                    outcome: e.outcome,
-                    request_id: e.request_id,
-                    route: e.route,
-                    target: e.target,
+                    entry: e,
                 });
                 if entries.len() >= limit {
                     return Ok(Page { entries, next_cursor: Some(header.position) });
