@@ -34,7 +34,6 @@ use pdledger::api::{self, ApiConfig, AppState, Peer};
 use pdledger::auth::{Auth, Role};
 use pdledger::keyring::Keyring;
 use pdledger::ledger::{Ledger, OpenOptions};
-use pdledger::schema::Schemas;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value};
@@ -195,14 +194,8 @@ impl Pd {
     async fn start(dir: &Path) -> Pd {
         let data = dir.join("data");
         let ledger = Arc::new(
-            Ledger::open(OpenOptions {
-                data: data.clone(),
-                keyring: Keyring::Dir(dir.join("keyring")),
-                schemas: Arc::new(Schemas::builtin()),
-                holder: "load".into(),
-                limits: Default::default(),
-            })
-            .expect("open ledger"),
+            Ledger::open(OpenOptions::new(data.clone(), Keyring::Dir(dir.join("keyring")), "load"))
+                .expect("open ledger"),
         );
         let auth = Arc::new(
             Auth::new(ledger.store().kv("auth").unwrap(), Default::default(), pdledger::auth::system_clock()).unwrap(),

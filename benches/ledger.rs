@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use pdledger::keyring::Keyring;
-use pdledger::ledger::{Ledger, Limits, OpenOptions};
-use pdledger::schema::Schemas;
+use pdledger::ledger::{Ledger, OpenOptions};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -25,14 +24,7 @@ const APPENDERS: usize = 64;
 const VALUE_BYTES: usize = 512;
 
 fn open_ledger(dir: &Path) -> Ledger {
-    Ledger::open(OpenOptions {
-        data: dir.join("data"),
-        keyring: Keyring::Dir(dir.join("keyring")),
-        schemas: Arc::new(Schemas::builtin()),
-        holder: "bench".into(),
-        limits: Limits::default(),
-    })
-    .unwrap()
+    Ledger::open(OpenOptions::new(dir.join("data"), Keyring::Dir(dir.join("keyring")), "bench")).unwrap()
 }
 
 /// A raw sled store configured like ours, and its data file for fsync.
@@ -297,7 +289,7 @@ fn primitives(c: &mut Criterion) {
         actor: "bench".into(),
     };
     let prev = pdledger::record::ChainHash::GENESIS;
-    let schemas = Schemas::builtin();
+    let schemas = pdledger::schema::Schemas::builtin();
     let customer = json!({"kind": "person", "name": "Erik Eriksson", "personal_number": "19810615-1502",
         "email": "ckarlsson@example.com", "phone": "0345-58 73 78",
         "address": {"street": "Backtorget 40", "postal_code": "20987", "city": "Karlskrona"}});

@@ -43,6 +43,9 @@ pub struct ApiConfig {
     pub wait_secs_max: u64,
     /// Records one audit query may scan before it returns a cursor.
     pub audit_scan_max: usize,
+    /// How long after an erasure the key rotation that completes it starts (erasures in
+    /// the meantime share it).
+    pub rotate_delay_ms: u64,
 }
 
 impl Default for ApiConfig {
@@ -54,6 +57,7 @@ impl Default for ApiConfig {
             request_secs: 30,
             wait_secs_max: 30,
             audit_scan_max: 200_000,
+            rotate_delay_ms: 2_000,
         }
     }
 }
@@ -72,6 +76,10 @@ pub enum Permission {
     ReadSubjects,
     ReadAudit,
     VerifyLedger,
+    /// Art. 15/17/18/20: export, erase, restrict.
+    SubjectRights,
+    /// Master-key rotation.
+    RotateKeys,
 }
 
 impl Permission {
@@ -84,6 +92,8 @@ impl Permission {
             Permission::ReadSubjects => matches!(role, Staff | Dpo),
             Permission::ReadAudit => matches!(role, Admin | Dpo | Auditor),
             Permission::VerifyLedger => matches!(role, Admin | Auditor),
+            Permission::SubjectRights => role == Dpo,
+            Permission::RotateKeys => role == Admin,
         }
     }
 }
@@ -148,13 +158,17 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     pub config: Arc<ApiConfig>,
     pub metrics: Arc<Metrics>,
+    /// Rotates the master key after erasures (coalesced).
+    pub rotation: Arc<crate::rotator::Rotator>,
     limiter: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
     pub fn new(ledger: Arc<Ledger>, auth: Arc<Auth>, config: ApiConfig) -> AppState {
         let limiter = Arc::new(tokio::sync::Semaphore::new(config.concurrency_max));
-        AppState { ledger, auth, config: Arc::new(config), metrics: Arc::default(), limiter }
+        let rotation =
+            Arc::new(crate::rotator::Rotator::spawn(ledger.clone(), Duration::from_millis(config.rotate_delay_ms)));
+        AppState { ledger, auth, config: Arc::new(config), metrics: Arc::default(), rotation, limiter }
     }
 
     /// Requests being handled right now (they hold a concurrency slot).
@@ -194,6 +208,12 @@ impl ApiError {
     fn unauthorized() -> ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required")
     }
+    /// `410`: the subject was erased; its data is gone for good.
+    fn erased(erased_at_ms: u64) -> ApiError {
+        let at = crate::time::rfc3339(erased_at_ms);
+        ApiError::new(StatusCode::GONE, "erased", format!("the subject was erased at {at}"))
+            .with(json!({ "erased_at": at }))
+    }
     fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
@@ -229,6 +249,13 @@ impl From<WriteError> for ApiError {
             WriteError::Rejected(Rejected::SubjectExists(_)) => {
                 ApiError::new(StatusCode::CONFLICT, "exists", "subject exists")
             }
+            WriteError::Rejected(Rejected::UnknownSubject(_)) => ApiError::not_found("no such subject"),
+            WriteError::Rejected(Rejected::Erased { erased_at_ms, .. }) => ApiError::erased(erased_at_ms),
+            WriteError::Rejected(Rejected::Restricted { .. }) => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "restricted",
+                "the subject's processing is restricted (GDPR Art. 18); only corrections may be appended",
+            ),
             WriteError::Overloaded => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "the ledger is busy; retry shortly")
                     .retry_after(1)
@@ -343,15 +370,33 @@ pub struct SubjectId(pub Uuid);
 impl<S: Send + Sync> FromRequestParts<S> for SubjectId {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
-        let params = RawPathParams::from_request_parts(parts, state)
-            .await
-            .map_err(|_| ApiError::bad_request("no subject id"))?;
-        let id = params
-            .iter()
-            .find(|(k, _)| *k == "id")
-            .map(|(_, v)| v)
-            .ok_or_else(|| ApiError::bad_request("no subject id"))?;
-        Uuid::try_parse(id).map(SubjectId).map_err(|_| ApiError::bad_request("the subject id is not a UUID"))
+        let id = path_param(parts, state, "id").await?;
+        Uuid::try_parse(&id).map(SubjectId).map_err(|_| ApiError::bad_request("the subject id is not a UUID"))
+    }
+}
+
+async fn path_param<S: Send + Sync>(
+    parts: &mut axum::http::request::Parts,
+    state: &S,
+    name: &str,
+) -> Result<String, ApiError> {
+    let params = RawPathParams::from_request_parts(parts, state)
+        .await
+        .map_err(|_| ApiError::bad_request(format!("no {name} in the path")))?;
+    params
+        .iter()
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+        .ok_or_else(|| ApiError::bad_request(format!("no {name} in the path")))
+}
+
+/// The `{view}` path parameter.
+pub struct ViewName(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ViewName {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        path_param(parts, state, "view").await.map(ViewName)
     }
 }
 
@@ -445,7 +490,32 @@ pub fn routes(state: AppState) -> (Router<AppState>, Vec<RouteInfo>) {
         )
         .add(Method::POST, "/v1/subjects/{id}/events", Append, "Append events to a subject, all or nothing", append)
         .add(Method::GET, "/v1/subjects/{id}/events", ReadSubjects, "Read a subject's events", read_events)
+        .add(
+            Method::GET,
+            "/v1/subjects/{id}/export",
+            SubjectRights,
+            "A subject's register extract (JSON or HTML)",
+            export,
+        )
+        .add(Method::POST, "/v1/subjects/{id}/erase", SubjectRights, "Erase a subject (crypto-shredding)", erase)
+        .add(
+            Method::POST,
+            "/v1/subjects/{id}/restrict",
+            SubjectRights,
+            "Restrict a subject's processing (Art. 18)",
+            restrict,
+        )
+        .add(Method::POST, "/v1/subjects/{id}/unrestrict", SubjectRights, "Lift a restriction", unrestrict)
+        .add(Method::POST, "/v1/keys/rotate", RotateKeys, "Rotate the master key now", keys_rotate)
         .add(Method::GET, "/v1/events", ReadSubjects, "The global log in order, with long-polling", feed)
+        .add(
+            Method::GET,
+            "/v1/views/{view}",
+            ReadSubjects,
+            "One view's documents in subject-id order, paged",
+            view_list,
+        )
+        .add(Method::GET, "/v1/views/{view}/{id}", ReadSubjects, "A subject's document of one view", view_read)
         .add(Method::GET, "/v1/audit", ReadAudit, "The audit trail, newest first", audit_list)
         .add(Method::GET, "/v1/ledger/verify", VerifyLedger, "Verify the whole hash chain", ledger_verify)
         .add(Method::GET, "/v1/ledger/head", VerifyLedger, "The ledger's head", ledger_head)
@@ -973,10 +1043,7 @@ async fn read_events(
     ApiQuery(q): ApiQuery<ReadParams>,
 ) -> Result<Response, ApiError> {
     let limit = q.limit.unwrap_or(state.config.page_max).clamp(1, state.config.page_max);
-    if !state.ledger.subject_exists(subject)? {
-        write_audit(&state, &caller.username, vec![entry(&ctx, Action::Read, Some(subject), Outcome::Failed)]).await?;
-        return Err(ApiError::not_found("no such subject"));
-    }
+    subject_gate(&state, &ctx, &caller, subject, Action::Read).await?;
     let ledger = state.ledger.clone();
     let (version, events) = tokio::task::spawn_blocking(move || {
         Ok::<_, crate::ledger::ReadError>((
@@ -1092,6 +1159,262 @@ async fn feed(
 }
 
 // ---------------------------------------------------------------------------------------
+// Subject rights.
+
+/// What every read of one subject checks first, auditing a refusal: erased (410), unknown
+/// (404), restricted for anyone but the dpo (403 `restricted`).
+async fn subject_gate(
+    state: &AppState,
+    ctx: &RequestCtx,
+    caller: &Caller,
+    subject: Uuid,
+    action: Action,
+) -> Result<(), ApiError> {
+    let refuse = |outcome: Outcome| entry(ctx, action, Some(subject), outcome);
+    if let Some(e) = state.ledger.erasure(subject)? {
+        write_audit(state, &caller.username, vec![refuse(Outcome::Failed)]).await?;
+        return Err(ApiError::erased(e.erased_at_ms));
+    }
+    if !state.ledger.subject_exists(subject)? {
+        write_audit(state, &caller.username, vec![refuse(Outcome::Failed)]).await?;
+        return Err(ApiError::not_found("no such subject"));
+    }
+    if caller.role != Role::Dpo && state.ledger.restricted(subject)? {
+        write_audit(state, &caller.username, vec![refuse(Outcome::Denied)]).await?;
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "restricted",
+            "the subject's processing is restricted (GDPR Art. 18); ask the data protection officer",
+        ));
+    }
+    Ok(())
+}
+
+/// The register extract (Art. 15/20): JSON by default, the readable page with
+/// `Accept: text/html`. The access is in the trail before the extract leaves.
+async fn export(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestCtx>,
+    Extension(caller): Extension<Caller>,
+    SubjectId(subject): SubjectId,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    subject_gate(&state, &ctx, &caller, subject, Action::Export).await?;
+    let html = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html") && !a.contains("application/json"));
+    let extract = loop {
+        let ledger = state.ledger.clone();
+        let x = tokio::task::spawn_blocking(move || crate::export::extract(&ledger, subject, crate::time::now_ms()))
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(ApiError::internal)?;
+        match x.pending() {
+            Some(p) => state.ledger.wait_durable(p).await?,
+            None => break x,
+        }
+    };
+    write_audit(&state, &caller.username, vec![entry(&ctx, Action::Export, Some(subject), Outcome::Ok)]).await?;
+    if html {
+        let page = crate::export::to_html(&extract, state.ledger.schemas());
+        return Ok(([(header::CONTENT_TYPE, "text/html; charset=utf-8")], page).into_response());
+    }
+    Ok(axum::Json(extract).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EraseBody {
+    reason: String,
+}
+
+/// The erasure receipt, the same for every call once the subject is erased.
+fn receipt(e: &crate::ledger::Erasure) -> Value {
+    json!({
+        "subject": e.subject,
+        "erased_at": e.erased_at,
+        "position": e.position,
+        "receipt": {
+            "subject": e.subject, "erased_at": e.erased_at, "position": e.position, "hash": e.hash,
+            "actor": e.actor, "reason": e.reason,
+            "key_generation": e.key_generation,
+            "rotation": if e.complete { "complete" } else { "pending" },
+            "note": if e.complete {
+                "the master-key generation that wrapped the subject's keys is destroyed: no copy of them (old files, backups) can be opened"
+            } else {
+                "the subject's keys are deleted; the key rotation that makes every older copy of them useless follows shortly"
+            },
+        },
+    })
+}
+
+async fn erase(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestCtx>,
+    Extension(caller): Extension<Caller>,
+    SubjectId(subject): SubjectId,
+    ApiJson(body): ApiJson<EraseBody>,
+) -> Result<Response, ApiError> {
+    let reason = body.reason.trim();
+    if reason.is_empty() || reason.chars().count() > 200 || reason.chars().any(char::is_control) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            "reason must be 1..=200 characters without control characters; it is kept in clear: no personal data",
+        ));
+    }
+    if let Some(e) = state.ledger.erasure(subject)? {
+        write_audit(&state, &caller.username, vec![entry(&ctx, Action::Erase, Some(subject), Outcome::Ok)]).await?;
+        return Ok(axum::Json(receipt(&e)).into_response());
+    }
+    // The erasure and its audit entry are one commit.
+    let ops = vec![
+        Op::Erase { subject, reason: reason.to_owned(), actor: caller.username.clone() },
+        entry(&ctx, Action::Erase, Some(subject), Outcome::Ok).into_op(&caller.username),
+    ];
+    match submit(&state, ops).await {
+        Ok(_) => {}
+        // Erased meanwhile by another call: answer with that receipt.
+        Err(e) if e.code == "erased" => {}
+        Err(e) => {
+            write_audit(&state, &caller.username, vec![entry(&ctx, Action::Erase, Some(subject), Outcome::Failed)])
+                .await?;
+            return Err(e);
+        }
+    }
+    state.rotation.request();
+    let e = state.ledger.erasure(subject)?.ok_or_else(|| ApiError::internal("erasure not found after commit"))?;
+    Ok(axum::Json(receipt(&e)).into_response())
+}
+
+async fn restrict_or_lift(
+    state: AppState,
+    ctx: RequestCtx,
+    caller: Caller,
+    subject: Uuid,
+    restricted: bool,
+) -> Result<Response, ApiError> {
+    let action = if restricted { Action::Restrict } else { Action::Unrestrict };
+    let ops = vec![
+        Op::Restrict { subject, restricted, actor: caller.username.clone() },
+        entry(&ctx, action, Some(subject), Outcome::Ok).into_op(&caller.username),
+    ];
+    if let Err(e) = submit(&state, ops).await {
+        write_audit(&state, &caller.username, vec![entry(&ctx, action, Some(subject), Outcome::Failed)]).await?;
+        return Err(e);
+    }
+    Ok(axum::Json(json!({"subject": subject, "restricted": restricted})).into_response())
+}
+
+async fn restrict(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestCtx>,
+    Extension(caller): Extension<Caller>,
+    SubjectId(subject): SubjectId,
+) -> Result<Response, ApiError> {
+    restrict_or_lift(state, ctx, caller, subject, true).await
+}
+
+async fn unrestrict(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestCtx>,
+    Extension(caller): Extension<Caller>,
+    SubjectId(subject): SubjectId,
+) -> Result<Response, ApiError> {
+    restrict_or_lift(state, ctx, caller, subject, false).await
+}
+
+async fn keys_rotate(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestCtx>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    let ledger = state.ledger.clone();
+    let r = tokio::task::spawn_blocking(move || ledger.rotate()).await.map_err(ApiError::internal)?;
+    let outcome = if r.is_ok() { Outcome::Ok } else { Outcome::Failed };
+    write_audit(&state, &caller.username, vec![entry(&ctx, Action::KeysRotated, None, outcome)]).await?;
+    let r = r.map_err(ApiError::internal)?;
+    Ok(axum::Json(
+        json!({"from": r.from, "to": r.to, "keys": r.keys, "index_entries": r.index_entries, "seconds": r.seconds}),
+    )
+    .into_response())
+}
+
+// ---------------------------------------------------------------------------------------
+// Views.
+
+fn known_view(state: &AppState, view: &str) -> Result<(), ApiError> {
+    if state.ledger.projections().get(view).is_none() {
+        let names: Vec<&str> = state.ledger.projections().views().iter().map(|v| v.name()).collect();
+        return Err(ApiError::not_found(format!("no view `{view}` (views: {})", names.join(", "))));
+    }
+    Ok(())
+}
+
+async fn view_read(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestCtx>,
+    Extension(caller): Extension<Caller>,
+    ViewName(view): ViewName,
+    SubjectId(subject): SubjectId,
+) -> Result<Response, ApiError> {
+    known_view(&state, &view)?;
+    subject_gate(&state, &ctx, &caller, subject, Action::View).await?;
+    let ledger = state.ledger.clone();
+    let name = view.clone();
+    let doc = tokio::task::spawn_blocking(move || ledger.view(&name, subject)).await.map_err(ApiError::internal)??;
+    // A document is written with its events, before they are durable: show it only once
+    // they are (a wait of at most one fsync).
+    if let Some(d) = &doc {
+        state.ledger.wait_durable(d.position).await?;
+    }
+    write_audit(&state, &caller.username, vec![entry(&ctx, Action::View, Some(subject), Outcome::Ok)]).await?;
+    let (version, data) = doc.map(|d| (d.version, d.data)).unwrap_or((0, json!({})));
+    Ok(axum::Json(json!({"view": view, "subject": subject, "version": version, "data": data})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ViewListParams {
+    #[serde(default)]
+    limit: Option<usize>,
+    /// The last subject id of the previous page.
+    #[serde(default)]
+    cursor: Option<Uuid>,
+}
+
+async fn view_list(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestCtx>,
+    Extension(caller): Extension<Caller>,
+    ViewName(view): ViewName,
+    ApiQuery(q): ApiQuery<ViewListParams>,
+) -> Result<Response, ApiError> {
+    known_view(&state, &view)?;
+    let limit = q.limit.unwrap_or(100).clamp(1, state.config.page_max);
+    let ledger = state.ledger.clone();
+    let name = view.clone();
+    let page = tokio::task::spawn_blocking(move || ledger.view_page(&name, q.cursor, limit))
+        .await
+        .map_err(ApiError::internal)??;
+    if let Some(p) = page.iter().map(|(_, d)| d.position).max() {
+        state.ledger.wait_durable(p).await?;
+    }
+    // Every subject shown is an access to that subject's data: one entry each.
+    if !page.is_empty() {
+        let entries = page.iter().map(|(s, _)| entry(&ctx, Action::View, Some(*s), Outcome::Ok)).collect();
+        write_audit(&state, &caller.username, entries).await?;
+    }
+    let next_cursor = if page.len() >= limit { page.last().map(|(s, _)| *s) } else { None };
+    let items: Vec<Value> = page
+        .into_iter()
+        .map(|(subject, d)| json!({"subject": subject, "version": d.version, "data": d.data}))
+        .collect();
+    Ok(axum::Json(json!({"view": view, "items": items, "next_cursor": next_cursor})).into_response())
+}
+
+// ---------------------------------------------------------------------------------------
 // Audit and ledger.
 
 #[derive(Deserialize)]
@@ -1106,6 +1429,8 @@ struct AuditParams {
     #[serde(default)]
     since: Option<String>,
     #[serde(default)]
+    until: Option<String>,
+    #[serde(default)]
     limit: Option<usize>,
     #[serde(default)]
     cursor: Option<u64>,
@@ -1116,20 +1441,28 @@ async fn audit_list(State(state): State<AppState>, ApiQuery(q): ApiQuery<AuditPa
         Some(a) => Some(a.parse::<Action>().map_err(ApiError::bad_request)?),
         None => None,
     };
-    let since_ms = match &q.since {
-        Some(s) => Some(
-            crate::time::parse_timestamp(s)
-                .ok_or_else(|| ApiError::bad_request("since must be YYYY-MM-DD or an RFC 3339 UTC time"))?,
-        ),
-        None => None,
+    let time = |name: &str, v: &Option<String>| match v {
+        Some(s) => crate::time::parse_timestamp(s)
+            .map(Some)
+            .ok_or_else(|| ApiError::bad_request(format!("{name} must be YYYY-MM-DD or an RFC 3339 UTC time"))),
+        None => Ok(None),
     };
-    let filter = audit::Filter { subject: q.subject, actor: q.actor, action, since_ms };
+    let filter = audit::Filter {
+        subject: q.subject,
+        actor: q.actor,
+        action,
+        since_ms: time("since", &q.since)?,
+        until_ms: time("until", &q.until)?,
+    };
     let limit = q.limit.unwrap_or(100).clamp(1, state.config.page_max);
     let before = q.cursor.unwrap_or(u64::MAX);
     let (ledger, scan_max) = (state.ledger.clone(), state.config.audit_scan_max);
-    let page = tokio::task::spawn_blocking(move || audit::query(&ledger, &filter, before, limit, scan_max))
-        .await
-        .map_err(ApiError::internal)??;
+    let page = tokio::task::spawn_blocking(move || {
+        audit::query(ledger.store(), ledger.durable(), &filter, before, limit, scan_max)
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
     Ok(axum::Json(json!({"entries": page.entries, "next_cursor": page.next_cursor})).into_response())
 }
 

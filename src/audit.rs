@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::ledger::{Ledger, ReadError};
 use crate::record::Position;
+use crate::store::{AuditKey, Store, StoreError};
 use crate::writer::Op;
 
 pub const EVENT_TYPE: &str = "audit";
@@ -108,7 +108,10 @@ pub struct Filter {
     pub subject: Option<Uuid>,
     pub actor: Option<String>,
     pub action: Option<Action>,
+    /// Entries recorded at or after this time (ms since the epoch)...
     pub since_ms: Option<u64>,
+    /// ...and before this one.
+    pub until_ms: Option<u64>,
 }
 
 pub struct Page {
@@ -117,45 +120,81 @@ pub struct Page {
     pub next_cursor: Option<Position>,
 }
 
-/// Entries matching `filter`, newest first, before position `before` (exclusive), at most
-/// `limit`, scanning at most `scan_max` records per call so one request stays bounded.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("audit entry at position {0} is damaged: {1}")]
+    Damaged(Position, String),
+}
+
+/// Entries matching `filter`, newest first, before position `before` (exclusive) and at most
+/// `head`, at most `limit`. Walks the most selective audit index (subject, then actor, then
+/// action, else all entries) and checks the other conditions on each entry, reading at most
+/// `scan_max` entries per call so one request stays bounded. Needs no key: audit entries
+/// hold no personal data.
 pub fn query(
-    ledger: &Ledger,
+    store: &Store,
+    head: Position,
     filter: &Filter,
     before: Position,
     limit: usize,
     scan_max: usize,
-) -> Result<Page, ReadError> {
+) -> Result<Page, QueryError> {
+    let mut before = before.min(head.saturating_add(1));
+    if let Some(until) = filter.until_ms {
+        before = before.min(position_at_time(store, head, until)?);
+    }
+    let action = filter.action.map(Action::name);
+    let key = match (&filter.subject, &filter.actor, &action) {
+        (Some(s), _, _) => AuditKey::Subject(*s),
+        (None, Some(a), _) => AuditKey::Actor(a),
+        (None, None, Some(a)) => AuditKey::Action(a),
+        (None, None, None) => AuditKey::All,
+    };
     let mut entries = vec![];
-    let mut scanned = 0;
-    for item in ledger.notes_rev(before) {
-        let (header, json) = item?;
-        scanned += 1;
-        if header.event_type == EVENT_TYPE {
-            if let Some(since) = filter.since_ms {
-                if header.recorded_at_ms < since {
-                    return Ok(Page { entries, next_cursor: None });
-                }
-            }
-            let Ok(e) = serde_json::from_value::<Entry>(json) else { continue };
-            let keep = filter.subject.is_none_or(|s| e.subject == Some(s))
-                && filter.actor.as_deref().is_none_or(|a| a == header.actor)
-                && filter.action.is_none_or(|a| a == e.action);
-            if keep {
-                entries.push(Line {
-                    position: header.position,
-                    at: crate::time::rfc3339(header.recorded_at_ms),
-                    actor: header.actor,
-                    entry: e,
-                });
-                if entries.len() >= limit {
-                    return Ok(Page { entries, next_cursor: Some(header.position) });
-                }
-            }
-        }
+    for (scanned, pos) in store.audit_rev(key, before).enumerate() {
+        let pos = pos?;
         if scanned >= scan_max {
-            return Ok(Page { entries, next_cursor: Some(header.position) });
+            return Ok(Page { entries, next_cursor: Some(pos + 1) });
+        }
+        let bytes = store.record(pos)?.ok_or_else(|| QueryError::Damaged(pos, "missing".into()))?;
+        let rec = crate::record::decode(&bytes).map_err(|e| QueryError::Damaged(pos, e.to_string()))?;
+        if filter.since_ms.is_some_and(|since| rec.header.recorded_at_ms < since) {
+            return Ok(Page { entries, next_cursor: None });
+        }
+        let e: Entry = serde_json::from_slice(&rec.payload).map_err(|e| QueryError::Damaged(pos, e.to_string()))?;
+        let keep = filter.subject.is_none_or(|s| e.subject == Some(s))
+            && filter.actor.as_deref().is_none_or(|a| a == rec.header.actor)
+            && filter.action.is_none_or(|a| a == e.action);
+        if keep {
+            entries.push(Line {
+                position: pos,
+                at: crate::time::rfc3339(rec.header.recorded_at_ms),
+                actor: rec.header.actor,
+                entry: e,
+            });
+            if entries.len() >= limit {
+                return Ok(Page { entries, next_cursor: Some(pos) });
+            }
         }
     }
     Ok(Page { entries, next_cursor: None })
+}
+
+/// The first position recorded at or after `ms` (`head + 1` when none). The writer never
+/// lets recorded times go backwards, so this is a binary search over the log.
+pub fn position_at_time(store: &Store, head: Position, ms: u64) -> Result<Position, QueryError> {
+    let (mut lo, mut hi) = (1, head + 1);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let bytes = store.record(mid)?.ok_or_else(|| QueryError::Damaged(mid, "missing".into()))?;
+        let rec = crate::record::decode(&bytes).map_err(|e| QueryError::Damaged(mid, e.to_string()))?;
+        if rec.header.recorded_at_ms < ms {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo)
 }

@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::keyring::Keyring;
 use crate::ledger::{Ledger, Limits, OpenOptions, Payload};
+use crate::projection::Projections;
 use crate::schema::Schemas;
 use crate::store::Store;
 use crate::verify::Anchor;
@@ -45,6 +46,10 @@ pub struct KeyArgs {
     /// A directory of event schemas to use instead of the ones compiled in.
     #[arg(long, env = "PDLEDGER_SCHEMAS")]
     pub schemas: Option<PathBuf>,
+    /// A directory of view definitions to use instead of the ones compiled in (see
+    /// projections/README.md). A changed definition rebuilds the views at start.
+    #[arg(long, env = "PDLEDGER_PROJECTIONS")]
+    pub projections: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -84,7 +89,9 @@ enum Command {
         json: bool,
     },
     /// Replay the log, decrypting where the key exists. With --subject, print that subject's
-    /// events; without, walk everything and print a summary.
+    /// events and its views as they stand (or stood, with --until); with --rebuild, throw the
+    /// stored views away and rebuild them from the log; otherwise walk everything and print a
+    /// summary.
     Replay {
         #[command(flatten)]
         data: DataArgs,
@@ -92,6 +99,39 @@ enum Command {
         keys: KeyArgs,
         #[arg(long)]
         subject: Option<Uuid>,
+        /// With --subject: stop at this log position, or at this time (YYYY-MM-DD for midnight
+        /// UTC at its start, or YYYY-MM-DDTHH:MM:SSZ): what the ledger held about the subject then.
+        #[arg(long, requires = "subject", value_parser = parse_until)]
+        until: Option<Until>,
+        /// Rebuild every view from the log (progress on a terminal).
+        #[arg(long, conflicts_with = "subject")]
+        rebuild: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the audit trail, newest first: who did what to whose data, and when. Needs no
+    /// key. `--json` prints one JSON object per line.
+    Audit {
+        #[command(flatten)]
+        data: DataArgs,
+        #[arg(long)]
+        subject: Option<Uuid>,
+        /// The username of the caller.
+        #[arg(long)]
+        actor: Option<String>,
+        /// login, login_failed, append, read, lookup, view, export, erase, restrict,
+        /// unrestrict, user_created, user_disabled, keys_rotated, backup, denied...
+        #[arg(long)]
+        action: Option<crate::audit::Action>,
+        /// Entries at or after this time (YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ, UTC).
+        #[arg(long, value_parser = parse_time)]
+        since: Option<u64>,
+        /// Entries before this time.
+        #[arg(long, value_parser = parse_time)]
+        until: Option<u64>,
+        /// Most entries to print.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
         #[arg(long)]
         json: bool,
     },
@@ -118,6 +158,44 @@ enum Command {
         #[command(flatten)]
         limits: ServeLimits,
     },
+    /// The register extract of one subject (GDPR Art. 15/20): every event, the current views,
+    /// categories, purposes, retention, recipients and the access history. It holds personal
+    /// data in clear: `-o` writes it owner-only (0600).
+    Export {
+        subject: Uuid,
+        /// json (machine-readable, schemas/export/extract.v1.json), html (a page a person can
+        /// read), or import (JSON Lines that `pdledger import` takes into another ledger).
+        #[arg(long, default_value = "json", value_parser = ["json", "html", "import"])]
+        format: String,
+        /// Write here instead of standard output.
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
+        keys: KeyArgs,
+    },
+    /// Crypto-shred one subject: the erasure event, its keys, view documents and index
+    /// entries deleted, then a key rotation that makes every older copy of its keys useless.
+    /// Prints the receipt. A second erase prints the same receipt.
+    Erase {
+        subject: Uuid,
+        /// Why (kept in clear in the log: a reason code or short text, no personal data).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
+        keys: KeyArgs,
+        /// The actor recorded on the erasure.
+        #[arg(long, default_value = "cli")]
+        actor: String,
+    },
+    /// Master-key management.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Manage users offline (the server must not be running on the data directory).
     User {
         #[command(subcommand)]
@@ -133,6 +211,20 @@ enum Command {
         subjects: u64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// A new master-key generation: every subject key re-wrapped, the blind index recomputed,
+    /// the old generation destroyed. Back up the keyring afterwards.
+    Rotate {
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
+        keys: KeyArgs,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -189,11 +281,33 @@ pub struct ServeLimits {
     /// How long a session token lives, in seconds.
     #[arg(long, default_value_t = 8 * 3600)]
     session_secs: u64,
+    /// Milliseconds between an erasure and the key rotation that completes it; erasures in
+    /// the meantime share that rotation.
+    #[arg(long, default_value_t = 2000)]
+    rotate_delay_ms: u64,
 }
 
 pub enum Outcome {
     Passed,
     Failed,
+}
+
+/// Where `replay --until` stops.
+#[derive(Clone, Copy, Debug)]
+pub enum Until {
+    Position(u64),
+    Time(u64),
+}
+
+fn parse_until(s: &str) -> Result<Until, String> {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse().map(Until::Position).map_err(|e| e.to_string());
+    }
+    parse_time(s).map(Until::Time)
+}
+
+fn parse_time(s: &str) -> Result<u64, String> {
+    crate::time::parse_timestamp(s).ok_or_else(|| "expected YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ (UTC)".to_owned())
 }
 
 fn open(data: &DataArgs, keys: &KeyArgs, holder: &str) -> anyhow::Result<Ledger> {
@@ -212,20 +326,80 @@ fn cache_bytes(default_mb: u64) -> anyhow::Result<u64> {
 /// under 300 MB resident (measured in docs/BENCHMARKS.md).
 const IMPORT_CACHE_MB: u64 = 16;
 
-fn open_with(data: &DataArgs, keys: &KeyArgs, holder: &str, mut limits: Limits) -> anyhow::Result<Ledger> {
+fn open_with(data: &DataArgs, keys: &KeyArgs, holder: &str, limits: Limits) -> anyhow::Result<Ledger> {
+    Ok(Ledger::open(options(data, keys, holder, limits)?)?)
+}
+
+/// How a command opens the ledger: schemas and view definitions from the flags (or the
+/// compiled-in ones), the page cache from the environment.
+pub fn options(data: &DataArgs, keys: &KeyArgs, holder: &str, mut limits: Limits) -> anyhow::Result<OpenOptions> {
     limits.cache_bytes = cache_bytes(limits.cache_bytes >> 20)?;
     let schemas = match &keys.schemas {
         Some(dir) => Schemas::load_dir(dir)?,
         None => Schemas::builtin(),
     };
-    let ledger = Ledger::open(OpenOptions {
-        data: data.data.clone(),
-        keyring: Keyring::from_env_or_dir(&keys.keyring),
-        schemas: Arc::new(schemas),
-        holder: holder.to_owned(),
-        limits,
-    })?;
-    Ok(ledger)
+    let projections = match &keys.projections {
+        Some(dir) => Projections::load_dir(dir, &schemas)?,
+        None => Projections::builtin(&schemas)?,
+    };
+    let mut opts = OpenOptions::new(data.data.clone(), Keyring::from_env_or_dir(&keys.keyring), holder);
+    opts.schemas = Arc::new(schemas);
+    opts.projections = Arc::new(projections);
+    opts.limits = limits;
+    Ok(opts)
+}
+
+/// `replay --subject`: the subject's events up to `until`, then its views built from them.
+fn replay_subject(
+    ledger: &Ledger,
+    subject: Uuid,
+    until: Option<Until>,
+    json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<Outcome> {
+    let mut events = ledger.read_stream(subject, 0, usize::MAX)?;
+    events.retain(|e| match until {
+        Some(Until::Position(p)) => e.position <= p,
+        Some(Until::Time(ms)) => crate::time::parse_timestamp(&e.recorded_at).is_some_and(|t| t <= ms),
+        None => true,
+    });
+    if events.is_empty() {
+        eprintln!("subject {subject} has no readable events{}", if until.is_some() { " by then" } else { "" });
+        return Ok(Outcome::Failed);
+    }
+    for e in &events {
+        if json {
+            writeln!(out, "{}", serde_json::to_string(&serde_json::json!({"event": e}))?)?;
+        } else {
+            writeln!(out, "v{} @{} {} {} {}", e.version, e.position, e.occurred_at, e.event_type, e.data)?;
+        }
+    }
+    let docs = crate::views::build(
+        ledger.projections(),
+        events.iter().map(|e| crate::projection::EventRef {
+            event_type: &e.event_type,
+            data: &e.data,
+            occurred_at: &e.occurred_at,
+            recorded_at: &e.recorded_at,
+            version: e.version,
+            position: e.position,
+        }),
+    );
+    for (view, doc) in docs {
+        let v = serde_json::json!({"view": view, "subject": subject, "version": doc.version, "position": doc.position, "data": doc.data});
+        if json {
+            writeln!(out, "{}", serde_json::to_string(&v)?)?;
+        } else {
+            writeln!(
+                out,
+                "\nview {view} (version {}, position {}):\n{}",
+                doc.version,
+                doc.position,
+                serde_json::to_string_pretty(&doc.data)?
+            )?;
+        }
+    }
+    Ok(Outcome::Passed)
 }
 
 fn progress_line(enabled: bool, text: &str) {
@@ -314,31 +488,35 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             }
             Ok(if report.ok { Outcome::Passed } else { Outcome::Failed })
         }
-        Command::Replay { data, keys, subject, json } => {
-            let ledger = open(&data, &keys, "pdledger replay")?;
+        Command::Replay { data, keys, subject, until, rebuild, json } => {
+            let mut opts = options(&data, &keys, "pdledger replay", Limits::default())?;
+            let started = std::time::Instant::now();
+            if rebuild {
+                opts.rebuild_views = true;
+                opts.progress = Some(Arc::new(move |at, head| {
+                    let pct = if head == 0 { 100.0 } else { at as f64 * 100.0 / head as f64 };
+                    progress_line(tty, &format!("rebuilding views: {at}/{head} records ({pct:.0}%)"));
+                }));
+            }
+            let ledger = Ledger::open(opts)?;
+            progress_line(tty, "");
             let outcome = match subject {
-                Some(s) => {
-                    let events = ledger.read_stream(s, 0, usize::MAX)?;
-                    if events.is_empty() {
-                        eprintln!("subject {s} has no readable events");
-                        Outcome::Failed
+                Some(s) => replay_subject(&ledger, s, until, json, &mut out)?,
+                None if rebuild => {
+                    let secs = started.elapsed().as_secs_f64();
+                    let records = ledger.durable();
+                    let summary = serde_json::json!({
+                        "rebuilt": true, "records": records, "seconds": secs,
+                        "records_per_second": records as f64 / secs.max(1e-9),
+                    });
+                    if json {
+                        writeln!(out, "{summary}")?;
                     } else {
-                        for e in events {
-                            if json {
-                                writeln!(out, "{}", serde_json::to_string(&e)?)?;
-                            } else {
-                                writeln!(
-                                    out,
-                                    "v{} @{} {} {} {}",
-                                    e.version, e.position, e.occurred_at, e.event_type, e.data
-                                )?;
-                            }
-                        }
-                        Outcome::Passed
+                        writeln!(out, "rebuilt the views from {records} records in {secs:.2} s")?;
                     }
+                    Outcome::Passed
                 }
                 None => {
-                    let started = std::time::Instant::now();
                     let (mut records, mut events, mut shredded, mut notes) = (0u64, 0u64, 0u64, 0u64);
                     let mut subjects = std::collections::HashSet::new();
                     for entry in ledger.log(1) {
@@ -377,6 +555,143 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             ledger.close()?;
             Ok(outcome)
         }
+        Command::Export { subject, format, output, data, keys } => {
+            let ledger = open(&data, &keys, "pdledger export")?;
+            if let Some(e) = ledger.erasure(subject)? {
+                eprintln!("subject {subject} was erased at {}: nothing is held", e.erased_at);
+                return Ok(Outcome::Failed);
+            }
+            if !ledger.subject_exists(subject)? {
+                eprintln!("no subject {subject}");
+                return Ok(Outcome::Failed);
+            }
+            let x = crate::export::extract(&ledger, subject, crate::time::now_ms())?;
+            let text = match format.as_str() {
+                "html" => crate::export::to_html(&x, ledger.schemas()),
+                "import" => crate::export::events_for_import(&x).map(|v| v.to_string() + "\n").collect(),
+                _ => serde_json::to_string_pretty(&x)? + "\n",
+            };
+            let entry =
+                crate::audit::Entry::new(crate::audit::Action::Export, Some(subject), crate::audit::Outcome::Ok);
+            ledger.submit(vec![entry.into_op("cli")])?;
+            match output {
+                Some(path) => {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&path)
+                        .with_context(|| format!("creating {} (it must not exist)", path.display()))?;
+                    f.write_all(text.as_bytes())?;
+                    f.sync_all()?;
+                    eprintln!("wrote {} ({} events); it holds personal data in clear", path.display(), x.events.len());
+                }
+                None => out.write_all(text.as_bytes())?,
+            }
+            ledger.close()?;
+            Ok(Outcome::Passed)
+        }
+        Command::Erase { subject, reason, data, keys, actor } => {
+            let reason = reason.trim().to_owned();
+            if reason.is_empty() || reason.chars().count() > 200 || reason.chars().any(char::is_control) {
+                bail!("--reason must be 1..=200 characters without control characters (it is kept in clear: no personal data)");
+            }
+            let ledger = open(&data, &keys, "pdledger erase")?;
+            if ledger.erasure(subject)?.is_none() {
+                let entry =
+                    crate::audit::Entry::new(crate::audit::Action::Erase, Some(subject), crate::audit::Outcome::Ok);
+                match ledger.submit(vec![
+                    crate::writer::Op::Erase { subject, reason, actor: actor.clone() },
+                    entry.into_op(&actor),
+                ]) {
+                    Ok(_) => {}
+                    Err(crate::writer::WriteError::Rejected(crate::writer::Rejected::UnknownSubject(_))) => {
+                        eprintln!("no subject {subject}");
+                        return Ok(Outcome::Failed);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let mut e = ledger.erasure(subject)?.context("the erasure is not in the log after its commit")?;
+            if !e.complete {
+                let r = ledger.rotate()?;
+                let entry =
+                    crate::audit::Entry::new(crate::audit::Action::KeysRotated, None, crate::audit::Outcome::Ok);
+                ledger.submit(vec![entry.into_op(&actor)])?;
+                eprintln!(
+                    "rotated the master key to generation {} ({} keys re-wrapped); back up the keyring now",
+                    r.to, r.keys
+                );
+                e = ledger.erasure(subject)?.context("the erasure is not in the log")?;
+            }
+            writeln!(out, "{}", serde_json::to_string_pretty(&e)?)?;
+            ledger.close()?;
+            Ok(Outcome::Passed)
+        }
+        Command::Keys { command: KeysCommand::Rotate { data, keys, json } } => {
+            let ledger = open(&data, &keys, "pdledger keys rotate")?;
+            let r = ledger.rotate()?;
+            let entry = crate::audit::Entry::new(crate::audit::Action::KeysRotated, None, crate::audit::Outcome::Ok);
+            ledger.submit(vec![entry.into_op("cli")])?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&r)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "rotated generation {} -> {}: {} keys re-wrapped, {} index entries recomputed in {:.3} s\ngeneration {} is destroyed; back up the keyring ({}) now",
+                    r.from, r.to, r.keys, r.index_entries, r.seconds, r.from, keys.keyring.display()
+                )?;
+            }
+            ledger.close()?;
+            Ok(Outcome::Passed)
+        }
+        Command::Audit { data, subject, actor, action, since, until, limit, json } => {
+            let store = Store::open(&data.data, "pdledger audit", cache_bytes(64)?)?;
+            let head = store.head()?.map(|h| h.0).unwrap_or(0);
+            let filter = crate::audit::Filter { subject, actor, action, since_ms: since, until_ms: until };
+            let mut before = u64::MAX;
+            let mut printed = 0;
+            if !json {
+                writeln!(
+                    out,
+                    "{:>9}  {:<20}  {:<16}  {:<13}  {:<36}  {:<7}  ROUTE/TARGET",
+                    "POSITION", "AT", "ACTOR", "ACTION", "SUBJECT", "OUTCOME"
+                )?;
+            }
+            while printed < limit {
+                let page = crate::audit::query(&store, head, &filter, before, limit - printed, 100_000)?;
+                for line in &page.entries {
+                    if json {
+                        writeln!(out, "{}", serde_json::to_string(line)?)?;
+                    } else {
+                        let e = &line.entry;
+                        let actor = if line.actor.is_empty() { "-" } else { line.actor.as_str() };
+                        let subject = e.subject.map(|s| s.to_string()).unwrap_or_else(|| "-".into());
+                        let extra = e.route.as_deref().or(e.target.as_deref()).unwrap_or("");
+                        writeln!(
+                            out,
+                            "{:>9}  {:<20}  {:<16}  {:<13}  {:<36}  {:<7}  {extra}",
+                            line.position,
+                            line.at,
+                            actor,
+                            e.action.name(),
+                            subject,
+                            serde_json::to_value(e.outcome)?.as_str().unwrap_or("")
+                        )?;
+                    }
+                }
+                printed += page.entries.len();
+                match page.next_cursor {
+                    Some(c) => before = c,
+                    None => break,
+                }
+            }
+            if !json {
+                writeln!(out, "{printed} entries")?;
+            }
+            Ok(Outcome::Passed)
+        }
         Command::Serve { data, keys, listen, tls_cert, tls_key, plain_http, limits: l } => {
             let limits = Limits {
                 event_bytes_max: l.event_bytes_max,
@@ -399,6 +714,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
                     concurrency_max: l.concurrency_max,
                     request_secs: l.request_secs,
                     wait_secs_max: l.wait_secs_max,
+                    rotate_delay_ms: l.rotate_delay_ms,
                     ..Default::default()
                 },
                 auth: crate::auth::AuthConfig {

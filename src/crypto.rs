@@ -18,7 +18,6 @@ pub const WRAPPED_LEN: usize = 4 + NONCE_LEN + KEY_LEN + TAG_LEN;
 const KEK_CONTEXT: &str = "pdledger subject key wrapping v1";
 const INDEX_CONTEXT: &str = "pdledger blind index v1";
 const CHECK_CONTEXT: &str = "pdledger key check v1";
-const CREDENTIALS_CONTEXT: &str = "pdledger credentials v1";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CryptoError {
@@ -82,12 +81,6 @@ impl MasterKey {
     /// The key of the blind index (keyed blake3 of normalised lookup values).
     pub fn index_key(&self) -> IndexKey {
         IndexKey(blake3::derive_key(INDEX_CONTEXT, &self.key))
-    }
-
-    /// A key for sealing credentials at rest (TOTP secrets). Derived, so it changes with
-    /// every master generation: a rotation re-seals what it protects.
-    pub fn credentials_key(&self) -> SubjectKey {
-        SubjectKey(blake3::derive_key(CREDENTIALS_CONTEXT, &self.key))
     }
 
     fn wrap_aad(&self, subject: Uuid, category: u8) -> Vec<u8> {

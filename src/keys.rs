@@ -20,11 +20,13 @@ pub enum KeyError {
 pub struct KeyCache {
     map: RwLock<HashMap<(Uuid, u8), Arc<SubjectKey>>>,
     max: usize,
+    /// During a rotation, the next generation: keys already re-wrapped open with it.
+    alternate: RwLock<Option<Arc<MasterKey>>>,
 }
 
 impl KeyCache {
     pub fn new(max: usize) -> KeyCache {
-        KeyCache { map: RwLock::new(HashMap::new()), max: max.max(1) }
+        KeyCache { map: RwLock::new(HashMap::new()), max: max.max(1), alternate: RwLock::new(None) }
     }
 
     /// The subject's key for `category`, or `None` when the subject has none (never had
@@ -42,13 +44,26 @@ impl KeyCache {
         let Some(wrapped) = store.wrapped_key(subject, category)? else {
             return Ok(None);
         };
-        let key = Arc::new(master.unwrap(subject, category, &wrapped).map_err(|source| KeyError::Unwrap {
-            subject,
-            category,
-            source,
-        })?);
+        let alternate = self.alternate();
+        let key = match (master.unwrap(subject, category, &wrapped), alternate) {
+            (Ok(k), _) => k,
+            (Err(CryptoError::Generation { .. }), Some(alt)) => alt
+                .unwrap(subject, category, &wrapped)
+                .map_err(|source| KeyError::Unwrap { subject, category, source })?,
+            (Err(source), _) => return Err(KeyError::Unwrap { subject, category, source }),
+        };
+        let key = Arc::new(key);
         self.insert(subject, category, key.clone());
         Ok(Some(key))
+    }
+
+    /// The generation a rotation under way moves to, if any.
+    pub fn alternate(&self) -> Option<Arc<MasterKey>> {
+        self.alternate.read().expect("not poisoned").clone()
+    }
+
+    pub fn set_alternate(&self, master: Option<Arc<MasterKey>>) {
+        *self.alternate.write().expect("not poisoned") = master;
     }
 
     pub fn insert(&self, subject: Uuid, category: u8, key: Arc<SubjectKey>) {

@@ -13,13 +13,15 @@ use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::crypto::{CryptoError, MasterKey};
+use crate::crypto::{CryptoError, IndexKey, MasterKey};
 use crate::keyring::{Keyring, KeyringError};
 use crate::keys::KeyError;
 use crate::lookup::LookupKey;
+use crate::projection::{EventRef, Projections};
 use crate::record::{self, ChainHash, DecodeError, Header, Kind, Position, Record};
-use crate::schema::{Schemas, Violation};
+use crate::schema::{EventSchema, Schemas, Violation};
 use crate::store::{Store, StoreError, WriteBatch};
+use crate::views::{self, Doc, Projector, ViewError};
 use crate::writer::{self, Committed, Op, PreparedEvent, Reply, Shared, WriteError, WriterHandle};
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -61,6 +63,32 @@ pub struct OpenOptions {
     /// Who is opening it, for the message another process gets while we hold the lock.
     pub holder: String,
     pub limits: Limits,
+    pub projections: Arc<Projections>,
+    /// Throw the view documents away and rebuild them from the log before opening.
+    pub rebuild_views: bool,
+    /// Called while views are replayed at open: (position reached, head).
+    pub progress: Option<Progress>,
+}
+
+pub type Progress = Arc<dyn Fn(Position, Position) + Send + Sync>;
+
+impl OpenOptions {
+    /// Options with the shipped schemas and projections and default limits.
+    pub fn new(data: PathBuf, keyring: Keyring, holder: &str) -> OpenOptions {
+        let schemas = Arc::new(Schemas::builtin());
+        let projections =
+            Arc::new(Projections::builtin(&schemas).expect("the shipped projections are valid (a unit test checks)"));
+        OpenOptions {
+            data,
+            keyring,
+            schemas,
+            holder: holder.to_owned(),
+            limits: Limits::default(),
+            projections,
+            rebuild_views: false,
+            progress: None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +109,10 @@ pub enum OpenError {
     Damaged(Position, String),
     #[error(transparent)]
     Crypto(#[from] CryptoError),
+    #[error("rebuilding views: {0}")]
+    Views(#[from] ReadError),
+    #[error("finishing an interrupted key rotation: {0}")]
+    Rotate(#[from] crate::rotate::RotateError),
 }
 
 /// Why an event was refused before it reached the writer.
@@ -106,6 +138,10 @@ pub enum ReadError {
     Key(#[from] KeyError),
     #[error("record at position {position} is damaged: {detail}")]
     Damaged { position: Position, detail: String },
+    #[error(transparent)]
+    View(#[from] ViewError),
+    #[error("the ledger stopped making writes durable")]
+    Stopped,
 }
 
 impl From<DecodeError> for ReadError {
@@ -127,6 +163,25 @@ pub struct StoredEvent {
     pub recorded_at: String,
     pub actor: String,
     pub data: Value,
+}
+
+/// The receipt of an erasure: what was erased, when, by which record, and whether the key
+/// rotation that follows it (and makes every older copy of the subject's keys useless) has run.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Erasure {
+    pub subject: Uuid,
+    pub position: Position,
+    pub erased_at: String,
+    #[serde(skip)]
+    pub erased_at_ms: u64,
+    /// Hash of the erasure record: with `position`, an anchor into the chain.
+    pub hash: String,
+    pub actor: String,
+    pub reason: String,
+    /// The master-key generation the subject's keys were wrapped under when it was erased.
+    pub key_generation: u32,
+    /// True once that generation has been destroyed by a rotation.
+    pub complete: bool,
 }
 
 /// What a record's payload is, once we tried to open it.
@@ -152,7 +207,10 @@ pub struct Ledger {
     writer: WriterHandle,
     join: Mutex<Option<std::thread::JoinHandle<()>>>,
     schemas: Arc<Schemas>,
+    projections: Arc<Projections>,
     limits: Limits,
+    keyring: Keyring,
+    credentials: Arc<crate::crypto::SubjectKey>,
 }
 
 impl Ledger {
@@ -160,6 +218,7 @@ impl Ledger {
         opts.keyring.check_outside(&opts.data)?;
         let store = Store::open(&opts.data, &opts.holder, opts.limits.cache_bytes)?;
         let master = load_or_create_master(&store, &opts.keyring)?;
+        let (master, rotating_to) = crate::rotate::resume(&store, &opts.keyring, master)?;
 
         // The log and its metadata must agree before we add to either.
         repair_tail(&store, opts.limits.group_events_max)?;
@@ -169,6 +228,7 @@ impl Ledger {
             return Err(OpenError::Inconsistent { meta: head_pos, log: last });
         }
         let mut last_ms = 0;
+        let mut redo = None;
         if last > 0 {
             let bytes = store.record(last)?.ok_or(OpenError::Inconsistent { meta: head_pos, log: last })?;
             let rec = record::decode(&bytes).map_err(|e| OpenError::Damaged(last, e.to_string()))?;
@@ -176,11 +236,9 @@ impl Ledger {
                 return Err(OpenError::Damaged(last, "its hash does not match its bytes".into()));
             }
             if head_pos < last {
-                // A crash between a commit's last record and its head write: the record is
-                // marked complete, so the head moves up to it.
-                let mut batch = WriteBatch::default();
-                batch.put_head(last, &rec.hash);
-                store.commit(batch)?;
+                // A crash between a commit's last record and its head write: the commit is
+                // complete in the log, and what it writes beside the log is redone below.
+                redo = Some((head_pos + 1, last, rec.hash));
                 (head_pos, head_hash) = (last, rec.hash);
             }
             if rec.hash != head_hash {
@@ -190,12 +248,119 @@ impl Ledger {
         }
 
         let shared = Arc::new(Shared::new(store, master, head_pos, opts.limits.keys_cached_max));
+        if let Some(next) = rotating_to {
+            let old = shared.master();
+            crate::rotate::finish(&shared, &opts.keyring, &opts.schemas, &old, &Arc::new(next))?;
+        }
+        let credentials = load_or_create_credentials(&shared)?;
+        if let Some((from, to, hash)) = redo {
+            redo_after_head(&shared, &opts.schemas, &opts.projections, from, to, &hash)?;
+        }
+        catch_up_views(&shared, &opts.projections, opts.rebuild_views, opts.progress.as_deref())?;
         let (writer, join) = writer::spawn(
             shared.clone(),
             (head_pos, head_hash, last_ms),
-            writer::Config { queue_depth: opts.limits.queue_depth, group_events_max: opts.limits.group_events_max },
+            writer::Config {
+                queue_depth: opts.limits.queue_depth,
+                group_events_max: opts.limits.group_events_max,
+                projections: opts.projections.clone(),
+            },
         );
-        Ok(Ledger { shared, writer, join: Mutex::new(Some(join)), schemas: opts.schemas, limits: opts.limits })
+        Ok(Ledger {
+            shared,
+            writer,
+            join: Mutex::new(Some(join)),
+            schemas: opts.schemas,
+            projections: opts.projections,
+            limits: opts.limits,
+            keyring: opts.keyring,
+            credentials,
+        })
+    }
+
+    /// Rotates the master key now: a new generation, every subject key re-wrapped, the blind
+    /// index recomputed, the old generation destroyed. Appends wait while it runs.
+    pub fn rotate(&self) -> Result<crate::rotate::Rotated, crate::rotate::RotateError> {
+        crate::rotate::rotate(&self.shared, &self.keyring, &self.schemas)
+    }
+
+    pub fn projections(&self) -> &Projections {
+        &self.projections
+    }
+
+    /// A subject's document of one view, or `None` when it has none. The document may
+    /// reflect events not yet durable: wait for `doc.position` (`wait_durable`) before
+    /// showing it.
+    pub fn view(&self, view: &str, subject: Uuid) -> Result<Option<Doc>, ReadError> {
+        let Some(v) = self.projections.get(view) else { return Ok(None) };
+        let master = self.shared.master();
+        let keys = |s: Uuid, c: u8| self.shared.keys.get(&self.shared.store, &master, s, c).map_err(|e| e.to_string());
+        Ok(views::load(&self.shared.store, &keys, v, subject)?)
+    }
+
+    /// A page of one view's documents in subject-id order, after `after`.
+    pub fn view_page(&self, view: &str, after: Option<Uuid>, limit: usize) -> Result<Vec<(Uuid, Doc)>, ReadError> {
+        let Some(v) = self.projections.get(view) else { return Ok(vec![]) };
+        let master = self.shared.master();
+        let mut out = vec![];
+        for item in self.shared.store.views(view, after) {
+            let (subject, sealed) = item?;
+            let Some(key) = self.shared.keys.get(&self.shared.store, &master, subject, v.category() as u8)? else {
+                continue;
+            };
+            out.push((subject, views::open(&key, v, subject, &sealed)?));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Waits until `position` is durable (a view document read while its events were being
+    /// synced). Fails if the ledger stopped making writes durable.
+    pub async fn wait_durable(&self, position: Position) -> Result<(), ReadError> {
+        let mut rx = self.subscribe();
+        rx.wait_for(|d| *d >= position).await.map(|_| ()).map_err(|_| ReadError::Stopped)
+    }
+
+    /// The erasure of a subject, if it was erased (and the erasure is durable).
+    pub fn erasure(&self, subject: Uuid) -> Result<Option<Erasure>, ReadError> {
+        let Some(at) = self.shared.store.erased(subject)? else { return Ok(None) };
+        if at > self.shared.durable() {
+            return Ok(None);
+        }
+        let bytes =
+            self.shared.store.record(at)?.ok_or(ReadError::Damaged { position: at, detail: "missing".into() })?;
+        let rec = decode_at(at, &bytes)?;
+        let v: Value = serde_json::from_slice(&rec.payload)
+            .map_err(|e| ReadError::Damaged { position: at, detail: e.to_string() })?;
+        let key_generation = v.get("key_generation").and_then(Value::as_u64).unwrap_or(0) as u32;
+        Ok(Some(Erasure {
+            subject,
+            position: at,
+            erased_at: crate::time::rfc3339(rec.header.recorded_at_ms),
+            erased_at_ms: rec.header.recorded_at_ms,
+            hash: rec.hash.to_hex(),
+            actor: rec.header.actor,
+            reason: v.get("reason").and_then(Value::as_str).unwrap_or("").to_owned(),
+            key_generation,
+            complete: self.shared.master().generation() > key_generation,
+        }))
+    }
+
+    /// Whether a subject's processing is restricted (Art. 18).
+    pub fn restricted(&self, subject: Uuid) -> Result<bool, ReadError> {
+        Ok(self.shared.store.restricted(subject)?.is_some_and(|p| p <= self.shared.durable()))
+    }
+
+    /// The current master-key generation.
+    pub fn key_generation(&self) -> u32 {
+        self.shared.master().generation()
+    }
+
+    /// The durable head position (0 for an empty log).
+    pub fn durable(&self) -> Position {
+        self.shared.durable()
     }
 
     pub fn schemas(&self) -> &Schemas {
@@ -232,33 +397,10 @@ impl Ledger {
         Ok((pos, rec.hash))
     }
 
-    /// The key that seals credentials (TOTP secrets) under the current master generation.
-    pub fn credentials_key(&self) -> crate::crypto::SubjectKey {
-        self.shared.master().credentials_key()
-    }
-
-    /// Ledger events (audit entries, erasures...) before `before`, newest first, without
-    /// decrypting anything.
-    pub fn notes_rev(&self, before: Position) -> impl Iterator<Item = Result<(Header, Value), ReadError>> + '_ {
-        let before = before.min(self.shared.durable() + 1);
-        self.shared.store.records_rev(before).filter_map(|item| {
-            let (pos, bytes) = match item {
-                Ok(v) => v,
-                Err(e) => return Some(Err(e.into())),
-            };
-            // The kind byte is at offset 1: skip sealed records without decoding them.
-            if bytes.get(1) != Some(&(Kind::Ledger as u8)) {
-                return None;
-            }
-            let rec = match decode_at(pos, &bytes) {
-                Ok(r) => r,
-                Err(e) => return Some(Err(e)),
-            };
-            match serde_json::from_slice(&rec.payload) {
-                Ok(v) => Some(Ok((rec.header, v))),
-                Err(e) => Some(Err(ReadError::Damaged { position: pos, detail: e.to_string() })),
-            }
-        })
+    /// The key that seals credentials (TOTP secrets). Random, stored wrapped like a subject
+    /// key, so a rotation re-wraps it and nothing sealed under it needs re-sealing.
+    pub fn credentials_key(&self) -> Arc<crate::crypto::SubjectKey> {
+        self.credentials.clone()
     }
 
     /// A watch on the durable head, for long-polling readers.
@@ -287,26 +429,20 @@ impl Ledger {
         if bytes > self.limits.event_bytes_max {
             return Err(EventError::TooLarge { bytes, max: self.limits.event_bytes_max });
         }
-        let mut lookups = vec![];
-        if !schema.lookup.is_empty() {
-            let index_key = self.shared.master().index_key();
-            for (name, pointer) in &schema.lookup {
-                let (Some(key), Some(raw)) =
-                    (LookupKey::from_name(name), data.pointer(pointer).and_then(Value::as_str))
-                else {
-                    continue;
-                };
-                if let Some(value) = key.normalise(raw) {
-                    lookups.push((key as u8, index_key.blind(key.name(), &value)));
-                }
-            }
-        }
+        let lookups = if schema.lookup.is_empty() {
+            vec![]
+        } else {
+            blind_lookups(schema, &data, &self.shared.master().index_key())
+        };
         Ok(PreparedEvent {
             event_type: schema.event_type.clone(),
             schema_version: schema.version,
             category: schema.category as u8,
             plaintext: zeroize::Zeroizing::new(plaintext),
             lookups,
+            occurred_at,
+            data,
+            correction: schema.correction,
         })
     }
 
@@ -331,12 +467,16 @@ impl Ledger {
     /// index; only subjects that exist, at most `max`.
     pub fn lookup(&self, key: LookupKey, raw: &str, max: usize) -> Result<Vec<Uuid>, ReadError> {
         let Some(value) = key.normalise(raw) else { return Ok(vec![]) };
-        let blind = self.shared.master().index_key().blind(key.name(), &value);
         let durable = self.shared.durable();
         let mut out: Vec<Uuid> = vec![];
-        for (subject, at) in self.shared.store.lookup(key as u8, &blind, max)? {
-            if at <= durable && self.subject_exists(subject)? && !out.contains(&subject) {
-                out.push(subject);
+        // While a rotation recomputes the index, entries are under either generation's key.
+        let masters = [Some(self.shared.master()), self.shared.keys.alternate()];
+        for master in masters.into_iter().flatten() {
+            let blind = master.index_key().blind(key.name(), &value);
+            for (subject, at) in self.shared.store.lookup(key as u8, &blind, max)? {
+                if at <= durable && self.subject_exists(subject)? && !out.contains(&subject) {
+                    out.push(subject);
+                }
             }
         }
         Ok(out)
@@ -498,6 +638,15 @@ pub fn repair_tail(store: &Store, group_events_max: usize) -> Result<u64, OpenEr
         if rec.header.kind == Kind::Sealed {
             batch.remove_stream(rec.header.subject, rec.header.version);
         }
+        if rec.header.kind == Kind::Ledger && rec.header.event_type == crate::audit::EVENT_TYPE {
+            if let Some(action) = serde_json::from_slice::<Value>(&rec.payload)
+                .ok()
+                .and_then(|v| v.get("action").and_then(Value::as_str).map(str::to_owned))
+            {
+                let subject = Some(rec.header.subject).filter(|s| !s.is_nil());
+                batch.remove_audit(pos, subject, &rec.header.actor, &action);
+            }
+        }
         if store.subject_created(rec.header.subject)?.is_some_and(|created| created >= pos) {
             batch.remove_subject(rec.header.subject);
         }
@@ -510,8 +659,11 @@ pub fn repair_tail(store: &Store, group_events_max: usize) -> Result<u64, OpenEr
         // leaves records that a later repair finds again, never index entries without them).
         // A full scan of the index: this only runs after a crash cut a commit short.
         let mut first = WriteBatch::default();
-        for key in store.index_entries_from(head.0 + 1)? {
-            first.remove_index_raw(key);
+        for entry in store.index_entries() {
+            let (kind, blind, subject, at) = entry?;
+            if at > head.0 {
+                first.remove_index(kind, &blind, subject);
+            }
         }
         first.extend(batch);
         first.put_head(head.0, &head.1);
@@ -519,6 +671,232 @@ pub fn repair_tail(store: &Store, group_events_max: usize) -> Result<u64, OpenEr
         tracing::warn!(removed, head = head.0, "removed an unacknowledged, incomplete commit from the log's tail");
     }
     Ok(removed)
+}
+
+/// The blind-index entries of one event: for each lookup key its schema marks, the keyed hash
+/// of the normalised value (values that do not normalise are not indexed).
+pub fn blind_lookups(schema: &EventSchema, data: &Value, index_key: &IndexKey) -> Vec<(u8, [u8; 32])> {
+    let mut out = vec![];
+    for (name, pointer) in &schema.lookup {
+        let (Some(key), Some(raw)) = (LookupKey::from_name(name), data.pointer(pointer).and_then(Value::as_str)) else {
+            continue;
+        };
+        if let Some(value) = key.normalise(raw) {
+            out.push((key as u8, index_key.blind(key.name(), &value)));
+        }
+    }
+    out
+}
+
+/// Redoes what the writer writes beside the records (stream and subject entries, blind
+/// index, audit index, erasures, restrictions, view documents) for the records after the
+/// stored head: a crash can keep a commit's records (its last one marked complete) and lose
+/// some of the writes that follow them. Everything here is derived from the records, and
+/// idempotent.
+fn redo_after_head(
+    shared: &Shared,
+    schemas: &Schemas,
+    projections: &Arc<Projections>,
+    from: Position,
+    to: Position,
+    to_hash: &ChainHash,
+) -> Result<(), OpenError> {
+    let store = &shared.store;
+    let master = shared.master();
+    let index_key = master.index_key();
+    let mut batch = WriteBatch::default();
+    let mut touched: Vec<Uuid> = vec![];
+    let mut erased: Vec<Uuid> = vec![];
+    for pos in from..=to {
+        let bytes = store.record(pos)?.ok_or(OpenError::Inconsistent { meta: from - 1, log: pos })?;
+        let rec = decode_at(pos, &bytes)?;
+        let h = &rec.header;
+        if store.subject_created(h.subject)?.is_none() && !h.subject.is_nil() {
+            batch.put_subject(h.subject, pos);
+        }
+        match open_record(shared, &master, &rec)? {
+            Payload::Event { data, .. } => {
+                batch.put_stream(h.subject, h.version, pos);
+                if let Some(schema) = schemas.get(&h.event_type, h.schema_version) {
+                    for (kind, blind) in blind_lookups(schema, &data, &index_key) {
+                        batch.put_index(kind, &blind, h.subject, pos);
+                    }
+                }
+                touched.push(h.subject);
+            }
+            Payload::Shredded => batch.put_stream(h.subject, h.version, pos),
+            Payload::Ledger(v) => match h.event_type.as_str() {
+                crate::audit::EVENT_TYPE => {
+                    let action = v.get("action").and_then(Value::as_str).unwrap_or("");
+                    batch.put_audit(pos, Some(h.subject).filter(|s| !s.is_nil()), &h.actor, action);
+                }
+                writer::ERASED => erased.push(h.subject),
+                writer::RESTRICTED => batch.put_restricted(h.subject, Some(pos)),
+                writer::UNRESTRICTED => batch.put_restricted(h.subject, None),
+                _ => {}
+            },
+        }
+    }
+    store.apply(batch)?;
+    let mut batch = WriteBatch::default();
+    for subject in &erased {
+        let at = store.erased(*subject)?;
+        let pos = match at {
+            Some(p) => p,
+            None => {
+                // The erasure record's position: the last such record of this subject.
+                let mut found = 0;
+                for p in from..=to {
+                    let rec =
+                        decode_at(p, &store.record(p)?.ok_or(OpenError::Inconsistent { meta: from - 1, log: p })?)?;
+                    if rec.header.subject == *subject && rec.header.event_type == writer::ERASED {
+                        found = p;
+                    }
+                }
+                found
+            }
+        };
+        writer::erase_side_effects(store, projections, *subject, pos, vec![], &mut batch)?;
+        shared.keys.forget(Some(*subject));
+    }
+    store.apply(batch)?;
+    // The touched subjects' documents, rebuilt from their whole streams, unless the views
+    // lag anyway (then catching up rebuilds them).
+    let views_at = store.meta(views::META_AT)?.and_then(|v| v[..].try_into().ok().map(u64::from_be_bytes));
+    if views_at.is_none_or(|at| at + 1 < from) {
+        touched.clear();
+    }
+    touched.sort_unstable();
+    touched.dedup();
+    touched.retain(|s| !erased.contains(s));
+    let keys = |s: Uuid, c: u8| shared.keys.get(store, &master, s, c).map_err(|e| e.to_string());
+    let mut batch = WriteBatch::default();
+    for subject in touched {
+        for view in projections.views() {
+            batch.remove_view(view.name(), subject);
+        }
+        let mut projector = Projector::new(projections.clone());
+        for item in store.stream(subject, 0) {
+            let (_, pos) = item?;
+            let rec = decode_at(pos, &store.record(pos)?.ok_or(OpenError::Inconsistent { meta: from - 1, log: pos })?)?;
+            if let Payload::Event { occurred_at, data } = open_record(shared, &master, &rec)? {
+                let recorded_at = crate::time::rfc3339(rec.header.recorded_at_ms);
+                let ev = EventRef {
+                    event_type: &rec.header.event_type,
+                    data: &data,
+                    occurred_at: &occurred_at,
+                    recorded_at: &recorded_at,
+                    version: rec.header.version,
+                    position: pos,
+                };
+                projector.apply_fresh(subject, &ev);
+            }
+        }
+        projector.flush(&keys, &mut batch).map_err(ReadError::from)?;
+    }
+    if views_at.is_some_and(|at| at + 1 >= from) {
+        batch.put_meta(views::META_AT, &to.to_be_bytes());
+    }
+    batch.put_head(to, to_hash);
+    store.commit(batch)?;
+    tracing::warn!(from, to, "completed the writes of a commit cut short by a crash");
+    Ok(())
+}
+
+/// Brings the view documents up to the log's head: from the checkpoint, or from the start
+/// when the definitions changed or a rebuild was asked for. Runs before the writer starts,
+/// in bounded memory (documents are sealed and written every `FLUSH_DOCS`), with the
+/// checkpoint written after each batch of documents, so a crash resumes where it stopped.
+fn catch_up_views(
+    shared: &Shared,
+    projections: &Arc<Projections>,
+    rebuild: bool,
+    progress: Option<&(dyn Fn(Position, Position) + Send + Sync)>,
+) -> Result<(), OpenError> {
+    const FLUSH_DOCS: usize = 20_000;
+    let store = &shared.store;
+    let head = shared.durable();
+    let fingerprint = projections.fingerprint();
+    let same_defs = store.meta(views::META_DEF)?.is_some_and(|v| v[..] == fingerprint);
+    let mut at = match store.meta(views::META_AT)? {
+        Some(v) if same_defs && !rebuild => {
+            u64::from_be_bytes(v[..].try_into().map_err(|_| StoreError::Meta(views::META_AT))?)
+        }
+        _ => 0,
+    };
+    if at == 0 {
+        // Start over: record that first (durably), then drop the old documents.
+        let mut b = WriteBatch::default();
+        b.put_meta(views::META_DEF, &fingerprint);
+        b.put_meta(views::META_AT, &0u64.to_be_bytes());
+        store.commit(b)?;
+        let removed = store.clear_views()?;
+        if removed > 0 || head > 0 {
+            tracing::info!(removed, head, "rebuilding views from the log");
+        }
+    }
+    if at >= head {
+        return Ok(());
+    }
+    let master = shared.master();
+    let keys = |s: Uuid, c: u8| shared.keys.get(store, &master, s, c).map_err(|e| e.to_string());
+    let mut projector = Projector::new(projections.clone());
+    let flush = |projector: &mut Projector, at: Position| -> Result<(), OpenError> {
+        let mut b = WriteBatch::default();
+        projector.flush(&keys, &mut b).map_err(ReadError::from)?;
+        b.put_meta(views::META_AT, &at.to_be_bytes());
+        store.apply(b)?;
+        Ok(())
+    };
+    for item in store.records(at + 1) {
+        let (pos, bytes) = item?;
+        if pos > head {
+            break;
+        }
+        let rec = decode_at(pos, &bytes)?;
+        if rec.header.kind == Kind::Sealed && projections.handles(&rec.header.event_type) {
+            if let Payload::Event { occurred_at, data } = open_record(shared, &master, &rec)? {
+                let recorded_at = crate::time::rfc3339(rec.header.recorded_at_ms);
+                let ev = EventRef {
+                    event_type: &rec.header.event_type,
+                    data: &data,
+                    occurred_at: &occurred_at,
+                    recorded_at: &recorded_at,
+                    version: rec.header.version,
+                    position: pos,
+                };
+                projector.apply(store, &keys, rec.header.subject, &ev).map_err(ReadError::from)?;
+            }
+        }
+        at = pos;
+        if projector.len() >= FLUSH_DOCS {
+            flush(&mut projector, at)?;
+        }
+        if pos % 8192 == 0 {
+            if let Some(p) = progress {
+                p(pos, head);
+            }
+        }
+    }
+    flush(&mut projector, at)?;
+    store.sync()?;
+    if let Some(p) = progress {
+        p(at, head);
+    }
+    Ok(())
+}
+
+fn load_or_create_credentials(shared: &Shared) -> Result<Arc<crate::crypto::SubjectKey>, OpenError> {
+    use crate::rotate::{CREDENTIALS_ID, META_CREDENTIALS};
+    let master = shared.master();
+    if let Some(wrapped) = shared.store.meta(META_CREDENTIALS)? {
+        return Ok(Arc::new(master.unwrap(CREDENTIALS_ID.0, CREDENTIALS_ID.1, &wrapped)?));
+    }
+    let key = crate::crypto::SubjectKey::generate()?;
+    let mut b = WriteBatch::default();
+    b.put_meta(META_CREDENTIALS, &master.wrap(CREDENTIALS_ID.0, CREDENTIALS_ID.1, &key)?);
+    shared.store.commit(b)?;
+    Ok(Arc::new(key))
 }
 
 /// Loads the master-key generation this store was written under, or starts generation 1

@@ -13,12 +13,17 @@
 //! - [`keys`]: subject keys unwrapped on demand, cached in memory.
 //! - [`schema`]: event types, validation, data categories, lookup annotations.
 //! - [`lookup`]: lookup keys and how their values are normalised for the blind index.
+//! - [`projection`]: view definitions from `projections/`, checked against the schemas; applying them (pure).
 //! - [`writer`]: the single writer thread and group commit.
 //! - [`ledger`]: everything above joined: open, append, read, walk the log.
+//! - [`rotate`]: master-key rotation, crash-safe step by step (completes erasure).
+//! - [`rotator`]: rotation after erasures, coalesced, in the background of `serve`.
 //! - [`verify`]: keyless chain verification.
+//! - [`views`]: view documents sealed at rest, kept current by the writer, rebuilt by replay.
 //! - [`import`]: JSON Lines import in validated batches.
 //! - [`auth`]: users, Argon2id passwords, TOTP, sessions, lockout.
 //! - [`audit`]: audit entries: written to the log, read back.
+//! - [`export`]: the register extract (GDPR Art. 15/20): JSON, a bilingual HTML page, import lines.
 //! - [`api`]: the HTTP API: routes and their permissions, handlers, errors, OpenAPI.
 //! - [`serve`]: `pdledger serve`: TLS, first start, graceful shutdown.
 //! - [`cli`]: the `pdledger` command line.
@@ -30,16 +35,21 @@ pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod crypto;
+pub mod export;
 pub mod generate;
 pub mod import;
 pub mod keyring;
 pub mod keys;
 pub mod ledger;
 pub mod lookup;
+pub mod projection;
 pub mod record;
+pub mod rotate;
+pub mod rotator;
 pub mod schema;
 pub mod serve;
 pub mod store;
 pub mod time;
 pub mod verify;
+pub mod views;
 pub mod writer;

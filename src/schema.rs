@@ -71,6 +71,8 @@ struct Annotation {
     lookup: BTreeMap<String, String>,
     #[serde(default)]
     fields: BTreeMap<String, Label>,
+    #[serde(default)]
+    correction: bool,
 }
 
 /// The lookup keys a schema may mark (the blind index knows how to normalise these).
@@ -86,7 +88,17 @@ pub struct EventSchema {
     /// Lookup key name → JSON pointer into `data`.
     pub lookup: BTreeMap<String, String>,
     pub fields: BTreeMap<String, Label>,
+    /// A rectification (GDPR Art. 16): may be appended while the subject is restricted.
+    pub correction: bool,
     validator: jsonschema::Validator,
+    document: Value,
+}
+
+impl EventSchema {
+    /// The schema file as parsed JSON (for static checks of pointers into `data`).
+    pub fn document(&self) -> &Value {
+        &self.document
+    }
 }
 
 impl std::fmt::Debug for EventSchema {
@@ -194,7 +206,9 @@ impl Schemas {
                 label: ann.label,
                 lookup: ann.lookup,
                 fields: ann.fields,
+                correction: ann.correction,
                 validator,
+                document: doc,
             };
             by_type.entry(ann.event_type).or_default().insert(schema.version, schema);
         }

@@ -34,6 +34,12 @@ const P_KEY: u8 = b'K';
 const P_META: u8 = b'M';
 const P_SUBJECT: u8 = b'C';
 const P_INDEX: u8 = b'I';
+/// Reverse blind index: subject ‖ lookup kind ‖ hash, so erasure finds a subject's entries.
+const P_INDEX_REV: u8 = b'J';
+const P_AUDIT: u8 = b'A';
+const P_VIEW: u8 = b'V';
+const P_ERASED: u8 = b'E';
+const P_RESTRICTED: u8 = b'R';
 
 pub const LOCK_FILE: &str = "pdledger.lock";
 const STORE_DIR: &str = "store";
@@ -132,9 +138,43 @@ impl WriteBatch {
     /// hashes to `blind`.
     pub fn put_index(&mut self, kind: u8, blind: &[u8; 32], subject: Uuid, position: Position) {
         self.put(index_key(kind, blind, subject), &position.to_be_bytes());
+        self.put(index_rev_key(subject, kind, blind), &[]);
     }
-    pub fn remove_index_raw(&mut self, key: Vec<u8>) {
-        self.ops.push((key, None));
+    /// Removes one blind-index entry and its reverse entry.
+    pub fn remove_index(&mut self, kind: u8, blind: &[u8; 32], subject: Uuid) {
+        self.ops.push((index_key(kind, blind, subject), None));
+        self.ops.push((index_rev_key(subject, kind, blind), None));
+    }
+    /// Index entries of one audit entry: by subject, actor and action, and in the list of all.
+    pub fn put_audit(&mut self, position: Position, subject: Option<Uuid>, actor: &str, action: &str) {
+        for k in audit_keys(position, subject, actor, action) {
+            self.put(k, &[]);
+        }
+    }
+    pub fn remove_audit(&mut self, position: Position, subject: Option<Uuid>, actor: &str, action: &str) {
+        for k in audit_keys(position, subject, actor, action) {
+            self.ops.push((k, None));
+        }
+    }
+    /// A sealed view document.
+    pub fn put_view(&mut self, view: &str, subject: Uuid, sealed: Vec<u8>) {
+        self.ops.push((view_key(view, subject), Some(sealed)));
+    }
+    pub fn remove_view(&mut self, view: &str, subject: Uuid) {
+        self.ops.push((view_key(view, subject), None));
+    }
+    /// The erasure fence: the subject was erased by the record at `position`.
+    pub fn put_erased(&mut self, subject: Uuid, position: Position) {
+        self.put(subject_key(P_ERASED, subject), &position.to_be_bytes());
+    }
+    /// Wrapped keys are removed only by erasure (and replaced by rotation).
+    pub fn remove_wrapped_key(&mut self, subject: Uuid, category: u8) {
+        self.ops.push((wrapped_key_key(subject, category), None));
+    }
+    /// Art. 18 restriction, from the record at `position`; `None` lifts it.
+    pub fn put_restricted(&mut self, subject: Uuid, position: Option<Position>) {
+        let k = subject_key(P_RESTRICTED, subject);
+        self.ops.push((k, position.map(|p| p.to_be_bytes().to_vec())));
     }
     pub fn remove_subject(&mut self, subject: Uuid) {
         let mut k = vec![P_SUBJECT];
@@ -143,6 +183,12 @@ impl WriteBatch {
     }
     pub fn put_meta(&mut self, name: &str, value: &[u8]) {
         self.put(meta_key(name), value);
+    }
+    pub fn remove_meta(&mut self, name: &str) {
+        self.ops.push((meta_key(name), None));
+    }
+    pub fn len(&self) -> usize {
+        self.ops.len()
     }
     pub fn remove_record(&mut self, position: Position) {
         self.ops.push((log_key(position), None));
@@ -197,6 +243,77 @@ fn index_key(kind: u8, blind: &[u8; 32], subject: Uuid) -> Vec<u8> {
     k.extend_from_slice(blind);
     k.extend_from_slice(subject.as_bytes());
     k
+}
+
+fn index_rev_key(subject: Uuid, kind: u8, blind: &[u8; 32]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(50);
+    k.push(P_INDEX_REV);
+    k.extend_from_slice(subject.as_bytes());
+    k.push(kind);
+    k.extend_from_slice(blind);
+    k
+}
+
+fn subject_key(prefix: u8, subject: Uuid) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17);
+    k.push(prefix);
+    k.extend_from_slice(subject.as_bytes());
+    k
+}
+
+fn view_prefix(view: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + view.len() + 16);
+    k.push(P_VIEW);
+    k.push(view.len() as u8);
+    k.extend_from_slice(view.as_bytes());
+    k
+}
+
+fn view_key(view: &str, subject: Uuid) -> Vec<u8> {
+    let mut k = view_prefix(view);
+    k.extend_from_slice(subject.as_bytes());
+    k
+}
+
+/// Which audit index to walk. Actor names and actions are hashed to a fixed width, so one
+/// name's entries can never run into another's that shares a prefix.
+#[derive(Clone, Copy, Debug)]
+pub enum AuditKey<'a> {
+    All,
+    Subject(Uuid),
+    Actor(&'a str),
+    Action(&'a str),
+}
+
+impl AuditKey<'_> {
+    fn prefix(&self) -> Vec<u8> {
+        let hashed = |tag: u8, s: &str| {
+            let mut k = vec![P_AUDIT, tag];
+            k.extend_from_slice(&blake3::hash(s.as_bytes()).as_bytes()[..16]);
+            k
+        };
+        match self {
+            AuditKey::All => vec![P_AUDIT, b'x'],
+            AuditKey::Subject(s) => {
+                let mut k = vec![P_AUDIT, b's'];
+                k.extend_from_slice(s.as_bytes());
+                k
+            }
+            AuditKey::Actor(a) => hashed(b'u', a),
+            AuditKey::Action(a) => hashed(b'a', a),
+        }
+    }
+}
+
+fn audit_keys(position: Position, subject: Option<Uuid>, actor: &str, action: &str) -> Vec<Vec<u8>> {
+    let mut keys = vec![AuditKey::All.prefix(), AuditKey::Actor(actor).prefix(), AuditKey::Action(action).prefix()];
+    if let Some(s) = subject {
+        keys.push(AuditKey::Subject(s).prefix());
+    }
+    for k in &mut keys {
+        k.extend_from_slice(&position.to_be_bytes());
+    }
+    keys
 }
 
 fn meta_key(name: &str) -> Vec<u8> {
@@ -435,18 +552,6 @@ impl Store {
             .collect()
     }
 
-    /// Index keys whose event is at or after `from` (for removing an incomplete tail).
-    pub fn index_entries_from(&self, from: Position) -> Result<Vec<Vec<u8>>, StoreError> {
-        let mut out = vec![];
-        for kv in self.tree.scan_prefix([P_INDEX]) {
-            let (k, v) = kv?;
-            if be_u64(&v).is_some_and(|p| p >= from) {
-                out.push(k.to_vec());
-            }
-        }
-        Ok(out)
-    }
-
     /// The log before `before`, newest first.
     pub fn records_rev(&self, before: Position) -> impl Iterator<Item = Result<(Position, Value), StoreError>> + '_ {
         self.tree.range(log_key(1)..log_key(before)).rev().map(|kv| {
@@ -454,6 +559,113 @@ impl Store {
             let pos = be_u64(&k[1..]).ok_or(StoreError::Meta("log key"))?;
             Ok((pos, Value(v)))
         })
+    }
+
+    /// Positions of audit entries in one index, before `before`, newest first.
+    pub fn audit_rev(
+        &self,
+        key: AuditKey<'_>,
+        before: Position,
+    ) -> impl Iterator<Item = Result<Position, StoreError>> + '_ {
+        let prefix = key.prefix();
+        let mut end = prefix.clone();
+        end.extend_from_slice(&before.to_be_bytes());
+        let n = prefix.len();
+        self.tree.range(prefix..end).rev().map(move |kv| {
+            let (k, _) = kv?;
+            be_u64(&k[n..]).ok_or(StoreError::Meta("audit key"))
+        })
+    }
+
+    /// A subject's blind-index entries: (lookup kind, hash).
+    pub fn index_of(&self, subject: Uuid) -> Result<Vec<(u8, [u8; 32])>, StoreError> {
+        let prefix = subject_key(P_INDEX_REV, subject);
+        let mut out = vec![];
+        for kv in self.tree.scan_prefix(prefix) {
+            let (k, _) = kv?;
+            let blind: [u8; 32] = k[18..].try_into().map_err(|_| StoreError::Meta("index key"))?;
+            out.push((k[17], blind));
+        }
+        Ok(out)
+    }
+
+    /// Every blind-index entry: (kind, hash, subject, position of the event that carried it).
+    pub fn index_entries(&self) -> impl Iterator<Item = Result<(u8, [u8; 32], Uuid, Position), StoreError>> + '_ {
+        self.tree.scan_prefix([P_INDEX]).map(|kv| {
+            let (k, v) = kv?;
+            let bad = || StoreError::Meta("index key");
+            let blind: [u8; 32] = k.get(2..34).and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
+            let subject = Uuid::from_slice(k.get(34..).ok_or_else(bad)?).map_err(|_| bad())?;
+            Ok((k[1], blind, subject, be_u64(&v).ok_or_else(bad)?))
+        })
+    }
+
+    pub fn view(&self, view: &str, subject: Uuid) -> Result<Option<Value>, StoreError> {
+        Ok(self.tree.get(view_key(view, subject))?.map(Value))
+    }
+
+    /// A view's documents in subject-id order, after `after` (exclusive).
+    pub fn views(
+        &self,
+        view: &str,
+        after: Option<Uuid>,
+    ) -> impl Iterator<Item = Result<(Uuid, Value), StoreError>> + '_ {
+        let prefix = view_prefix(view);
+        let n = prefix.len();
+        let start = match after {
+            Some(s) => {
+                let mut k = view_key(view, s);
+                k.push(0);
+                k
+            }
+            None => prefix.clone(),
+        };
+        let mut end = prefix;
+        end.extend_from_slice(&[0xff; 17]);
+        self.tree.range(start..end).map(move |kv| {
+            let (k, v) = kv?;
+            let subject = Uuid::from_slice(&k[n..]).map_err(|_| StoreError::Meta("view key"))?;
+            Ok((subject, Value(v)))
+        })
+    }
+
+    /// Removes every view document (before a rebuild). Returns how many.
+    pub fn clear_views(&self) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for kv in self.tree.scan_prefix([P_VIEW]) {
+            self.tree.remove(kv?.0)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The position of the record that erased this subject, if it was erased.
+    pub fn erased(&self, subject: Uuid) -> Result<Option<Position>, StoreError> {
+        Ok(self.tree.get(subject_key(P_ERASED, subject))?.and_then(|v| be_u64(&v)))
+    }
+
+    /// The position of the record that restricted this subject, while it is restricted.
+    pub fn restricted(&self, subject: Uuid) -> Result<Option<Position>, StoreError> {
+        Ok(self.tree.get(subject_key(P_RESTRICTED, subject))?.and_then(|v| be_u64(&v)))
+    }
+
+    /// Every wrapped subject key: (subject, category, wrapped bytes).
+    pub fn wrapped_keys(&self) -> impl Iterator<Item = Result<(Uuid, u8, Value), StoreError>> + '_ {
+        self.tree.scan_prefix([P_KEY]).map(|kv| {
+            let (k, v) = kv?;
+            let subject = Uuid::from_slice(&k[1..17]).map_err(|_| StoreError::Meta("key table"))?;
+            Ok((subject, *k.get(17).ok_or(StoreError::Meta("key table"))?, Value(v)))
+        })
+    }
+
+    /// The categories a subject holds keys for.
+    pub fn key_categories(&self, subject: Uuid) -> Result<Vec<u8>, StoreError> {
+        let mut out = vec![];
+        for kv in self.tree.scan_prefix(subject_key(P_KEY, subject)) {
+            let (k, _) = kv?;
+            out.push(*k.get(17).ok_or(StoreError::Meta("key table"))?);
+        }
+        Ok(out)
     }
 
     /// A separate keyspace for records that are not part of the log (users, sessions). Its

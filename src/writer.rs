@@ -21,8 +21,10 @@ use uuid::Uuid;
 
 use crate::crypto::{MasterKey, SubjectKey};
 use crate::keys::KeyCache;
+use crate::projection::{EventRef, Projections};
 use crate::record::{self, ChainHash, Header, Kind, Position};
 use crate::store::{Store, WriteBatch};
+use crate::views::Projector;
 
 /// An event that passed schema validation, ready to be sealed.
 #[derive(Debug)]
@@ -34,6 +36,11 @@ pub struct PreparedEvent {
     pub plaintext: zeroize::Zeroizing<Vec<u8>>,
     /// Blind-index entries: (lookup key, keyed hash of the normalised value).
     pub lookups: Vec<(u8, [u8; 32])>,
+    /// The same event in clear, for the projections (kept in memory only).
+    pub occurred_at: String,
+    pub data: Value,
+    /// A rectification (Art. 16): allowed while the subject is restricted.
+    pub correction: bool,
 }
 
 /// One operation in a submission.
@@ -45,13 +52,23 @@ pub enum Op {
     Create { subject: Uuid, actor: String },
     /// A ledger event in clear (never personal data): audit entries, erasures, rotations.
     Note { subject: Option<Uuid>, event_type: String, json: Value, actor: String },
+    /// Crypto-shreds a subject: the erasure event, then its keys, view documents and index
+    /// entries are removed and its stream is fenced, in the same commit.
+    Erase { subject: Uuid, reason: String, actor: String },
+    /// Art. 18: restricts (or lifts the restriction on) a subject's processing.
+    Restrict { subject: Uuid, restricted: bool, actor: String },
 }
+
+/// Ledger event types the writer gives meaning to.
+pub const ERASED: &str = "subject.erased";
+pub const RESTRICTED: &str = "subject.restricted";
+pub const UNRESTRICTED: &str = "subject.unrestricted";
 
 impl Op {
     fn len(&self) -> usize {
         match self {
             Op::Append { events, .. } => events.len(),
-            Op::Create { .. } | Op::Note { .. } => 1,
+            Op::Create { .. } | Op::Note { .. } | Op::Erase { .. } | Op::Restrict { .. } => 1,
         }
     }
 }
@@ -75,6 +92,14 @@ pub enum Rejected {
     SubjectExists(Uuid),
     #[error("version conflict on subject {subject}: expected {expected}, current {current}")]
     VersionConflict { op: usize, subject: Uuid, expected: u64, current: u64 },
+    #[error("no subject {0}")]
+    UnknownSubject(Uuid),
+    /// The subject was erased by the record at `position`: no more events, ever.
+    #[error("subject {subject} was erased")]
+    Erased { subject: Uuid, position: Position, erased_at_ms: u64 },
+    /// While restricted, only corrections may be appended.
+    #[error("subject {subject} is restricted; only corrections may be appended")]
+    Restricted { subject: Uuid, event_type: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -113,6 +138,8 @@ pub struct Shared {
     pub commits: AtomicU64,
     /// Groups handed to the syncer and not yet answered.
     in_flight: std::sync::atomic::AtomicUsize,
+    /// Held by the sequencer for each group and by a key rotation for its whole run.
+    pub rotation: std::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -128,6 +155,7 @@ impl Shared {
             fsyncs: AtomicU64::new(0),
             commits: AtomicU64::new(0),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
+            rotation: std::sync::Mutex::new(()),
         }
     }
 
@@ -177,6 +205,7 @@ impl WriterHandle {
 pub struct Config {
     pub queue_depth: usize,
     pub group_events_max: usize,
+    pub projections: Arc<Projections>,
 }
 
 pub fn spawn(
@@ -200,6 +229,7 @@ pub fn spawn(
         last_ms: head.2,
         versions: HashMap::new(),
         group_events_max: config.group_events_max,
+        projector: Projector::new(config.projections),
     };
     let join = std::thread::Builder::new()
         .name("pdledger-writer".into())
@@ -223,6 +253,8 @@ struct Writer {
     /// Durable stream versions, read through from the store. Bounded: cleared when full.
     versions: HashMap<Uuid, u64>,
     group_events_max: usize,
+    /// Keeps the view documents current, in the same commit as the events.
+    projector: Projector,
 }
 
 const VERSIONS_MAX: usize = 200_000;
@@ -349,6 +381,9 @@ impl Writer {
     /// Checks, seals and applies a group. Returns it for `make_durable`, or `None` when
     /// nothing was accepted (every submitter has been answered).
     fn commit_group(&mut self, group: Vec<Submission>) -> Option<Applied> {
+        // A key rotation pauses the sequencer (not the syncer) while it runs.
+        let shared = self.shared.clone();
+        let _not_rotating = shared.rotation.lock().expect("not poisoned");
         if self.shared.poisoned.load(Ordering::Acquire) {
             for s in group {
                 let _ = s.reply.send(Err(WriteError::Unavailable("an earlier write failed".into())));
@@ -362,12 +397,16 @@ impl Writer {
             new_keys: vec![],
             creates: vec![],
             index: vec![],
+            projected: vec![],
+            audit: vec![],
+            erasures: vec![],
+            restrictions: vec![],
         };
         let mut accepted: Vec<Staged> = vec![];
         let now = crate::time::now_ms().max(self.last_ms);
 
         for sub in group {
-            if let Err(e) = self.check(&sub.ops, &g.staged_versions) {
+            if let Err(e) = self.check(&sub.ops, &g) {
                 let _ = sub.reply.send(Err(e));
                 continue;
             }
@@ -423,7 +462,45 @@ impl Writer {
         for (kind, blind, subject, at) in &g.index {
             batch.put_index(*kind, blind, *subject, *at);
         }
+        for (at, subject, actor, action) in &g.audit {
+            batch.put_audit(*at, *subject, actor, action);
+        }
         let pos = self.head + hashes.len() as u64;
+        // An erased subject's events of this same group are not projected.
+        g.projected.retain(|p| !g.erasures.iter().any(|(s, _)| *s == p.subject));
+        // The views follow the records they reflect, then their checkpoint, then the head.
+        if let Err(e) = self.project(&g.projected, &g.new_keys, &master, now, &mut batch) {
+            let msg = format!("updating views: {e}");
+            self.poison(&msg);
+            for s in accepted {
+                let _ = s.reply.send(Err(WriteError::Unavailable(msg.clone())));
+            }
+            return None;
+        }
+        for (subject, restricted) in &g.restrictions {
+            let at = if *restricted { Some(pos) } else { None };
+            batch.put_restricted(*subject, at);
+        }
+        for (subject, at) in &g.erasures {
+            let staged_index: Vec<_> =
+                g.index.iter().filter(|(_, _, s, _)| s == subject).map(|(k, b, _, _)| (*k, *b)).collect();
+            if let Err(e) = erase_side_effects(
+                &self.shared.store,
+                self.projector.projections(),
+                *subject,
+                *at,
+                staged_index,
+                &mut batch,
+            ) {
+                let msg = format!("erasing: {e}");
+                self.poison(&msg);
+                for s in accepted {
+                    let _ = s.reply.send(Err(WriteError::Unavailable(msg.clone())));
+                }
+                return None;
+            }
+        }
+        batch.put_meta(crate::views::META_AT, &pos.to_be_bytes());
         batch.put_head(pos, &hash);
         for s in &mut accepted {
             for c in &mut s.results {
@@ -451,16 +528,107 @@ impl Writer {
             self.versions.insert(s, v);
         }
         for (subject, category, _, key) in g.new_keys {
-            self.shared.keys.insert(subject, category, key);
+            if !g.erasures.iter().any(|(s, _)| *s == subject) {
+                self.shared.keys.insert(subject, category, key);
+            }
+        }
+        for (subject, _) in &g.erasures {
+            self.shared.keys.forget(Some(*subject));
+            self.versions.remove(subject);
         }
         Some(Applied { head: pos, accepted })
     }
 
+    /// Applies this group's events to the view documents and seals them into `batch`.
+    fn project(
+        &mut self,
+        events: &[Projected],
+        new_keys: &[NewKey],
+        master: &MasterKey,
+        now: u64,
+        batch: &mut WriteBatch,
+    ) -> Result<(), crate::views::ViewError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let shared = &self.shared;
+        let keys = |subject: Uuid, category: u8| -> Result<Option<Arc<SubjectKey>>, String> {
+            if let Some((_, _, _, k)) = new_keys.iter().find(|(s, c, _, _)| *s == subject && *c == category) {
+                return Ok(Some(k.clone()));
+            }
+            shared.keys.get(&shared.store, master, subject, category).map_err(|e| e.to_string())
+        };
+        let recorded_at = crate::time::rfc3339(now);
+        for p in events {
+            let ev = EventRef {
+                event_type: &p.event_type,
+                data: &p.data,
+                occurred_at: &p.occurred_at,
+                recorded_at: &recorded_at,
+                version: p.version,
+                position: p.position,
+            };
+            self.projector.apply(&shared.store, &keys, p.subject, &ev)?;
+        }
+        self.projector.flush(&keys, batch)
+    }
+
     /// Checks a submission's expected versions against the log and what this group already
     /// staged, writing nothing.
-    fn check(&mut self, ops: &[Op], staged: &HashMap<Uuid, u64>) -> Result<(), WriteError> {
+    fn check(&mut self, ops: &[Op], g: &Group) -> Result<(), WriteError> {
+        let staged = &g.staged_versions;
         let mut local: HashMap<Uuid, u64> = HashMap::new();
+        let unavailable = |e: crate::store::StoreError| WriteError::Unavailable(e.to_string());
+        let shared = self.shared.clone();
+        let store = &shared.store;
+        // The position and time of the subject's erasure, if it was erased.
+        let erased = |subject: &Uuid| -> Result<Option<(Position, u64)>, WriteError> {
+            if let Some((_, at)) = g.erasures.iter().find(|(s, _)| s == subject) {
+                return Ok(Some((*at, crate::time::now_ms())));
+            }
+            let Some(at) = store.erased(*subject).map_err(unavailable)? else { return Ok(None) };
+            let bytes = store
+                .record(at)
+                .map_err(unavailable)?
+                .ok_or_else(|| WriteError::Unavailable("erasure record missing".into()))?;
+            let rec = record::decode(&bytes).map_err(|e| WriteError::Unavailable(e.to_string()))?;
+            Ok(Some((at, rec.header.recorded_at_ms)))
+        };
+        let restricted = |subject: &Uuid| -> Result<bool, WriteError> {
+            if let Some((_, r)) = g.restrictions.iter().rev().find(|(s, _)| s == subject) {
+                return Ok(*r);
+            }
+            Ok(store.restricted(*subject).map_err(unavailable)?.is_some())
+        };
+        let exists = |subject: &Uuid, local: &HashMap<Uuid, u64>| -> Result<bool, WriteError> {
+            Ok(local.contains_key(subject)
+                || staged.contains_key(subject)
+                || store.subject_created(*subject).map_err(unavailable)?.is_some())
+        };
         for (i, op) in ops.iter().enumerate() {
+            match op {
+                Op::Append { subject, events, .. } => {
+                    if let Some((position, erased_at_ms)) = erased(subject)? {
+                        return Err(Rejected::Erased { subject: *subject, position, erased_at_ms }.into());
+                    }
+                    if let Some(ev) = events.iter().find(|e| !e.correction) {
+                        if restricted(subject)? {
+                            return Err(
+                                Rejected::Restricted { subject: *subject, event_type: ev.event_type.clone() }.into()
+                            );
+                        }
+                    }
+                }
+                Op::Erase { subject, .. } | Op::Restrict { subject, .. } => {
+                    if let Some((position, erased_at_ms)) = erased(subject)? {
+                        return Err(Rejected::Erased { subject: *subject, position, erased_at_ms }.into());
+                    }
+                    if !exists(subject, &local)? {
+                        return Err(Rejected::UnknownSubject(*subject).into());
+                    }
+                }
+                _ => {}
+            }
             if let Op::Append { subject, expected_version, events, .. } = op {
                 let current = match local.get(subject) {
                     Some(v) => *v,
@@ -479,16 +647,9 @@ impl Writer {
                 local.insert(*subject, current + events.len() as u64);
             }
             if let Op::Create { subject, .. } = op {
-                let exists = local.contains_key(subject)
-                    || staged.contains_key(subject)
-                    || self
-                        .shared
-                        .store
-                        .subject_created(*subject)
-                        .map_err(|e| WriteError::Unavailable(e.to_string()))?
-                        .is_some()
-                    || self.current_version(*subject, staged).map_err(WriteError::Unavailable)? > 0;
-                if exists {
+                if exists(subject, &local)?
+                    || self.current_version(*subject, staged).map_err(WriteError::Unavailable)? > 0
+                {
                     return Err(WriteError::Rejected(Rejected::SubjectExists(*subject)));
                 }
                 local.insert(*subject, 0);
@@ -552,6 +713,16 @@ impl Writer {
                     for (kind, blind) in ev.lookups {
                         g.index.push((kind, blind, subject, header.position));
                     }
+                    if self.projector.projections().handles(&header.event_type) {
+                        g.projected.push(Projected {
+                            subject,
+                            event_type: header.event_type.clone(),
+                            occurred_at: ev.occurred_at,
+                            data: ev.data,
+                            version,
+                            position: header.position,
+                        });
+                    }
                     g.pending.push(Pending { header, nonce, payload });
                 }
                 g.staged_versions.insert(subject, version);
@@ -581,7 +752,29 @@ impl Writer {
                 )?;
                 Ok(c)
             }
+            Op::Erase { subject, reason, actor } => {
+                g.erasures.push((subject, position(g)));
+                let json = serde_json::json!({
+                    "subject": subject, "reason": reason, "key_generation": master.generation(),
+                });
+                self.stage(Op::Note { subject: Some(subject), event_type: ERASED.into(), json, actor }, master, g, now)
+            }
+            Op::Restrict { subject, restricted, actor } => {
+                g.restrictions.push((subject, restricted));
+                let event_type = if restricted { RESTRICTED } else { UNRESTRICTED };
+                let json = serde_json::json!({ "subject": subject });
+                self.stage(
+                    Op::Note { subject: Some(subject), event_type: event_type.into(), json, actor },
+                    master,
+                    g,
+                    now,
+                )
+            }
             Op::Note { subject, event_type, json, actor } => {
+                if event_type == crate::audit::EVENT_TYPE {
+                    let action = json.get("action").and_then(Value::as_str).unwrap_or("").to_owned();
+                    g.audit.push((position(g), subject, actor.clone(), action));
+                }
                 let header = Header {
                     kind: Kind::Ledger,
                     flags: 0,
@@ -611,6 +804,35 @@ impl Writer {
     }
 }
 
+/// What erasing a subject removes, after its erasure event at `at`: every wrapped key, view
+/// document and blind-index entry (`extra_index`: entries staged in the same group), and the
+/// fence that refuses its appends. Idempotent: open replays it for a commit cut short.
+pub fn erase_side_effects(
+    store: &Store,
+    projections: &Projections,
+    subject: Uuid,
+    at: Position,
+    extra_index: Vec<(u8, [u8; 32])>,
+    batch: &mut WriteBatch,
+) -> Result<(), crate::store::StoreError> {
+    batch.put_erased(subject, at);
+    batch.put_meta(crate::rotator::META_DUE, &at.to_be_bytes());
+    for category in store.key_categories(subject)? {
+        batch.remove_wrapped_key(subject, category);
+    }
+    // Keys created by the same group are put earlier in the batch: remove every category.
+    for category in crate::schema::Category::ALL {
+        batch.remove_wrapped_key(subject, category as u8);
+    }
+    for view in projections.views() {
+        batch.remove_view(view.name(), subject);
+    }
+    for (kind, blind) in store.index_of(subject)?.into_iter().chain(extra_index) {
+        batch.remove_index(kind, &blind, subject);
+    }
+    Ok(())
+}
+
 /// A record sealed but not yet chained.
 struct Pending {
     header: Header,
@@ -618,11 +840,31 @@ struct Pending {
     payload: Vec<u8>,
 }
 
+/// A subject key created by this group: (subject, category, wrapped, key).
+type NewKey = (Uuid, u8, Vec<u8>, Arc<SubjectKey>);
+
+/// An event of this group that some view handles.
+struct Projected {
+    subject: Uuid,
+    event_type: String,
+    occurred_at: String,
+    data: Value,
+    version: u64,
+    position: Position,
+}
+
 /// What one group commit will write.
 struct Group {
     pending: Vec<Pending>,
     staged_versions: HashMap<Uuid, u64>,
-    new_keys: Vec<(Uuid, u8, Vec<u8>, Arc<SubjectKey>)>,
+    new_keys: Vec<NewKey>,
+    projected: Vec<Projected>,
+    /// Audit entries to index: (position, subject, actor, action).
+    audit: Vec<(Position, Option<Uuid>, String, String)>,
+    /// Subjects erased by this group, and the position of each erasure event.
+    erasures: Vec<(Uuid, Position)>,
+    /// Restrictions set (true) or lifted (false) by this group, in order.
+    restrictions: Vec<(Uuid, bool)>,
     /// Subjects created by this group, and the position that created each.
     creates: Vec<(Uuid, Position)>,
     /// Blind-index entries: (lookup key, hash, subject, position of the event).

@@ -42,7 +42,18 @@ impl App {
     }
 
     pub fn with(auth_config: AuthConfig, api_config: ApiConfig) -> App {
+        App::on(Scratch::new(), auth_config, api_config)
+    }
+
+    /// The app over the imported sample register.
+    pub fn with_sample() -> App {
         let scratch = Scratch::new();
+        let out = scratch.cli(&["import", sample_path().to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        App::on(scratch, AuthConfig::default(), ApiConfig::default())
+    }
+
+    pub fn on(scratch: Scratch, auth_config: AuthConfig, api_config: ApiConfig) -> App {
         let ledger = Arc::new(scratch.open());
         let clock = Arc::new(AtomicU64::new(1_800_000_000_000));
         let c = clock.clone();
@@ -160,6 +171,13 @@ async fn every_route_against_every_role() {
         (Method::POST, "/v1/subjects/{id}/events".into(), Some(note("y")), 201, Some(&["staff", "dpo", "service"])),
         (Method::GET, "/v1/subjects/{id}/events".into(), None, 200, Some(&["staff", "dpo"])),
         (Method::GET, "/v1/events".into(), None, 200, Some(&["staff", "dpo"])),
+        (Method::GET, "/v1/views/{view}".into(), None, 200, Some(&["staff", "dpo"])),
+        (Method::GET, "/v1/views/{view}/{id}".into(), None, 200, Some(&["staff", "dpo"])),
+        (Method::GET, "/v1/subjects/{id}/export".into(), None, 200, Some(&["dpo"])),
+        (Method::POST, "/v1/subjects/{id}/restrict".into(), None, 200, Some(&["dpo"])),
+        (Method::POST, "/v1/subjects/{id}/unrestrict".into(), None, 200, Some(&["dpo"])),
+        (Method::POST, "/v1/subjects/{id}/erase".into(), Some(json!({"reason": "test"})), 200, Some(&["dpo"])),
+        (Method::POST, "/v1/keys/rotate".into(), None, 200, Some(&["admin"])),
         (Method::GET, "/v1/audit".into(), None, 200, Some(&["admin", "dpo", "auditor"])),
         (Method::GET, "/v1/ledger/verify".into(), None, 200, Some(&["admin", "auditor"])),
         (Method::GET, "/v1/ledger/head".into(), None, 200, Some(&["admin", "auditor"])),
@@ -189,7 +207,18 @@ async fn every_route_against_every_role() {
     let mut n = 0;
     for (who, fixed_token) in &callers {
         for (method, path, body, ok, allowed) in &table {
-            let mut path = path.replace("{id}", &subject.to_string()).replace("{name}", "victim");
+            let mut path =
+                path.replace("{id}", &subject.to_string()).replace("{name}", "victim").replace("{view}", "customer");
+            if path.ends_with("/erase") {
+                // Each erasure gets a subject of its own, so the others stay usable.
+                let fresh = Uuid::new_v4();
+                let staff = app.login("staff").await;
+                let r = app
+                    .call(Method::POST, &format!("/v1/subjects/{fresh}/events"), Some(&staff), Some(note("z")))
+                    .await;
+                assert_eq!(r.status, 201);
+                path = path.replace(&subject.to_string(), &fresh.to_string());
+            }
             if *method == Method::GET && path == "/v1/subjects" {
                 path.push_str("?email=nobody%40example.com");
             }

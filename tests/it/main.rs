@@ -12,5 +12,8 @@ mod support;
 mod cli;
 mod core;
 mod durability;
+mod erasure;
+mod export;
 mod http;
 mod server;
+mod views;

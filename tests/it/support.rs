@@ -2,11 +2,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Arc;
 
 use pdledger::keyring::Keyring;
 use pdledger::ledger::{Ledger, Limits, OpenOptions};
-use pdledger::schema::Schemas;
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_pdledger");
@@ -38,14 +36,9 @@ impl Scratch {
         self.open_with(Limits::default())
     }
     pub fn open_with(&self, limits: Limits) -> Ledger {
-        Ledger::open(OpenOptions {
-            data: self.data(),
-            keyring: Keyring::Dir(self.keyring()),
-            schemas: Arc::new(Schemas::builtin()),
-            holder: "test".into(),
-            limits,
-        })
-        .unwrap()
+        let mut o = OpenOptions::new(self.data(), Keyring::Dir(self.keyring()), "test");
+        o.limits = limits;
+        Ledger::open(o).unwrap()
     }
     /// Runs the CLI with this scratch's data and keyring.
     pub fn cli(&self, args: &[&str]) -> Output {

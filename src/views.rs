@@ -1,0 +1,195 @@
+//! View documents at rest, and keeping them current.
+//!
+//! A view document is the JSON that a projection (`projection.rs`, from `projections/`)
+//! builds from one subject's events. It is stored sealed under the subject's key for the
+//! view's data category, so it is as unreadable at rest as the events, and it dies with that
+//! key: erasing a subject (or shredding one category) makes its documents unreadable even
+//! where sled keeps old copies.
+//!
+//! The writer updates documents in the same commit as the events (`Projector`), after the
+//! records, then the checkpoint `views_at`; a crash keeps a prefix of that order, so documents
+//! are never ahead of the log. `catch_up` replays the log from the checkpoint at open (after a
+//! changed definition, a requested rebuild, or a crash during one), in bounded memory.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::crypto::{CryptoError, SubjectKey};
+use crate::projection::{EventRef, Projections, View};
+use crate::record::{Position, NONCE_LEN};
+use crate::store::{Store, StoreError, WriteBatch};
+
+/// The checkpoint: the last log position the stored documents reflect.
+pub const META_AT: &str = "views_at";
+/// The fingerprint of the definitions the stored documents were built with.
+pub const META_DEF: &str = "views_def";
+
+/// A view document with the stream version and log position of the last event applied.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Doc {
+    pub version: u64,
+    pub position: Position,
+    pub data: Value,
+}
+
+impl Doc {
+    fn new() -> Doc {
+        Doc { version: 0, position: 0, data: Value::Object(Default::default()) }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("view document {view}/{subject} cannot be opened: {detail}")]
+    Damaged { view: String, subject: Uuid, detail: String },
+    #[error("subject key: {0}")]
+    Key(String),
+}
+
+fn aad(view: &str, subject: Uuid, category: u8) -> Vec<u8> {
+    let mut a = b"pdledger view v1\0".to_vec();
+    a.extend_from_slice(view.as_bytes());
+    a.push(0);
+    a.extend_from_slice(subject.as_bytes());
+    a.push(category);
+    a
+}
+
+/// Seals a document: nonce ‖ ciphertext of its JSON.
+pub fn seal(key: &SubjectKey, view: &View, subject: Uuid, doc: &Doc) -> Result<Vec<u8>, CryptoError> {
+    let plain = zeroize::Zeroizing::new(serde_json::to_vec(doc).expect("a Doc serializes"));
+    let (nonce, ct) = key.seal(&aad(view.name(), subject, view.category() as u8), &plain)?;
+    let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&ct);
+    Ok(out)
+}
+
+pub fn open(key: &SubjectKey, view: &View, subject: Uuid, sealed: &[u8]) -> Result<Doc, ViewError> {
+    let damaged = |detail: String| ViewError::Damaged { view: view.name().to_owned(), subject, detail };
+    if sealed.len() < NONCE_LEN {
+        return Err(damaged("too short".into()));
+    }
+    let nonce: [u8; NONCE_LEN] = sealed[..NONCE_LEN].try_into().expect("checked length");
+    let plain = zeroize::Zeroizing::new(
+        key.open(&nonce, &aad(view.name(), subject, view.category() as u8), &sealed[NONCE_LEN..])
+            .map_err(|e| damaged(e.to_string()))?,
+    );
+    serde_json::from_slice(&plain).map_err(|e| damaged(e.to_string()))
+}
+
+/// How the projector finds a subject's key for a category: `None` when there is none
+/// (never created, or shredded).
+pub type KeyLookup<'a> = dyn Fn(Uuid, u8) -> Result<Option<Arc<SubjectKey>>, String> + 'a;
+
+/// Reads a stored document and opens it; `None` when there is no document or no key.
+pub fn load(store: &Store, keys: &KeyLookup<'_>, view: &View, subject: Uuid) -> Result<Option<Doc>, ViewError> {
+    let Some(sealed) = store.view(view.name(), subject)? else { return Ok(None) };
+    let Some(key) = keys(subject, view.category() as u8).map_err(ViewError::Key)? else { return Ok(None) };
+    open(&key, view, subject, &sealed).map(Some)
+}
+
+/// Documents touched since the last flush, by (view index, subject).
+pub struct Projector {
+    projections: Arc<Projections>,
+    docs: HashMap<(usize, Uuid), Doc>,
+}
+
+impl Projector {
+    pub fn new(projections: Arc<Projections>) -> Projector {
+        Projector { projections, docs: HashMap::new() }
+    }
+
+    pub fn projections(&self) -> &Projections {
+        &self.projections
+    }
+
+    /// Applies one event of `subject` to every view that handles its type.
+    pub fn apply(
+        &mut self,
+        store: &Store,
+        keys: &KeyLookup<'_>,
+        subject: Uuid,
+        ev: &EventRef<'_>,
+    ) -> Result<(), ViewError> {
+        for (i, view) in self.projections.views().iter().enumerate() {
+            if !view.handles(ev.event_type) {
+                continue;
+            }
+            let doc = match self.docs.entry((i, subject)) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(load(store, keys, view, subject)?.unwrap_or_else(Doc::new))
+                }
+            };
+            view.apply(&mut doc.data, ev);
+            doc.version = ev.version;
+            doc.position = ev.position;
+        }
+        Ok(())
+    }
+
+    /// Applies an event to documents built from nothing (never read from the store): for
+    /// rebuilding one subject's documents from its whole stream.
+    pub fn apply_fresh(&mut self, subject: Uuid, ev: &EventRef<'_>) {
+        for (i, view) in self.projections.views().iter().enumerate() {
+            if view.handles(ev.event_type) {
+                let doc = self.docs.entry((i, subject)).or_insert_with(Doc::new);
+                view.apply(&mut doc.data, ev);
+                doc.version = ev.version;
+                doc.position = ev.position;
+            }
+        }
+    }
+
+    /// Drops whatever this projector holds for a subject (it was erased).
+    pub fn forget(&mut self, subject: Uuid) {
+        self.docs.retain(|(_, s), _| *s != subject);
+    }
+
+    pub fn len(&self) -> usize {
+        self.docs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.docs.is_empty()
+    }
+
+    /// Seals every touched document into `batch` and starts over. A document whose key is
+    /// gone (shredded meanwhile) is dropped.
+    pub fn flush(&mut self, keys: &KeyLookup<'_>, batch: &mut WriteBatch) -> Result<(), ViewError> {
+        let mut docs: Vec<_> = self.docs.drain().collect();
+        // Write order does not matter for correctness; sorted keeps sled's pages warm.
+        docs.sort_by_key(|d| d.0);
+        for ((i, subject), doc) in docs {
+            let view = &self.projections.views()[i];
+            let Some(key) = keys(subject, view.category() as u8).map_err(ViewError::Key)? else { continue };
+            let sealed = seal(&key, view, subject, &doc).map_err(|e| ViewError::Key(e.to_string()))?;
+            batch.put_view(view.name(), subject, sealed);
+        }
+        Ok(())
+    }
+}
+
+/// Builds a subject's documents in memory from events (for `replay --until`): nothing is
+/// stored. `events` are in stream order.
+pub fn build<'e>(projections: &Projections, events: impl IntoIterator<Item = EventRef<'e>>) -> Vec<(String, Doc)> {
+    let mut docs: Vec<Option<Doc>> = vec![None; projections.views().len()];
+    for ev in events {
+        for (i, view) in projections.views().iter().enumerate() {
+            if view.handles(ev.event_type) {
+                let doc = docs[i].get_or_insert_with(Doc::new);
+                view.apply(&mut doc.data, &ev);
+                doc.version = ev.version;
+                doc.position = ev.position;
+            }
+        }
+    }
+    projections.views().iter().zip(docs).filter_map(|(v, d)| Some((v.name().to_owned(), d?))).collect()
+}
