@@ -803,58 +803,64 @@ fn redo_after_head(
     Ok(())
 }
 
-/// Brings the view documents up to the log's head: from the checkpoint, or from the start
-/// when the definitions changed or a rebuild was asked for. Runs before the writer starts,
-/// in bounded memory (documents are sealed and written every `FLUSH_DOCS`), with the
-/// checkpoint written after each batch of documents, so a crash resumes where it stopped.
+/// Brings the view documents up to the log's head. The writer keeps them current in every
+/// commit (`views_at` = head), so this only has work after the definitions changed, a rebuild
+/// was asked for, or a crash cut one short: then every document is rebuilt, subject by
+/// subject, from the subject's own stream. Each document is built in memory once and written
+/// once (never read back), memory holds one subject at a time, and `views_at` reaches the
+/// head only at the end: a crash during the rebuild starts it over at the next open.
 fn catch_up_views(
     shared: &Shared,
     projections: &Arc<Projections>,
     rebuild: bool,
     progress: Option<&(dyn Fn(Position, Position) + Send + Sync)>,
 ) -> Result<(), OpenError> {
-    const FLUSH_DOCS: usize = 20_000;
+    const FLUSH_DOCS: usize = 10_000;
     let store = &shared.store;
     let head = shared.durable();
     let fingerprint = projections.fingerprint();
     let same_defs = store.meta(views::META_DEF)?.is_some_and(|v| v[..] == fingerprint);
-    let mut at = match store.meta(views::META_AT)? {
+    let at = match store.meta(views::META_AT)? {
         Some(v) if same_defs && !rebuild => {
             u64::from_be_bytes(v[..].try_into().map_err(|_| StoreError::Meta(views::META_AT))?)
         }
         _ => 0,
     };
-    if at == 0 {
-        // Start over: record that first (durably), then drop the old documents.
-        let mut b = WriteBatch::default();
-        b.put_meta(views::META_DEF, &fingerprint);
-        b.put_meta(views::META_AT, &0u64.to_be_bytes());
-        store.commit(b)?;
-        let removed = store.clear_views()?;
-        if removed > 0 || head > 0 {
-            tracing::info!(removed, head, "rebuilding views from the log");
-        }
-    }
-    if at >= head {
+    if at >= head && same_defs && !rebuild {
         return Ok(());
     }
+    // Start over: record that first (durably), then drop the old documents.
+    let mut b = WriteBatch::default();
+    b.put_meta(views::META_DEF, &fingerprint);
+    b.put_meta(views::META_AT, &0u64.to_be_bytes());
+    store.commit(b)?;
+    let removed = store.clear_views()?;
+    if head == 0 {
+        store.sync()?;
+        return Ok(());
+    }
+    tracing::info!(removed, head, "rebuilding views from the log");
     let master = shared.master();
     let keys = |s: Uuid, c: u8| shared.keys.get(store, &master, s, c).map_err(|e| e.to_string());
     let mut projector = Projector::new(projections.clone());
-    let flush = |projector: &mut Projector, at: Position| -> Result<(), OpenError> {
-        let mut b = WriteBatch::default();
-        projector.flush(&keys, &mut b).map_err(ReadError::from)?;
-        b.put_meta(views::META_AT, &at.to_be_bytes());
-        store.apply(b)?;
-        Ok(())
-    };
-    for item in store.records(at + 1) {
-        let (pos, bytes) = item?;
-        if pos > head {
-            break;
+    let mut done: u64 = 0;
+    let mut batch = WriteBatch::default();
+    for subject in store.subjects() {
+        let subject = subject?;
+        if store.erased(subject)?.is_some() {
+            continue;
         }
-        let rec = decode_at(pos, &bytes)?;
-        if rec.header.kind == Kind::Sealed && projections.handles(&rec.header.event_type) {
+        for item in store.stream(subject, 0) {
+            let (_, pos) = item?;
+            if pos > head {
+                break;
+            }
+            done += 1;
+            let bytes = store.record(pos)?.ok_or(OpenError::Inconsistent { meta: head, log: pos })?;
+            let rec = decode_at(pos, &bytes)?;
+            if !projections.handles(&rec.header.event_type) {
+                continue;
+            }
             if let Payload::Event { occurred_at, data } = open_record(shared, &master, &rec)? {
                 let recorded_at = crate::time::rfc3339(rec.header.recorded_at_ms);
                 let ev = EventRef {
@@ -865,23 +871,22 @@ fn catch_up_views(
                     version: rec.header.version,
                     position: pos,
                 };
-                projector.apply(store, &keys, rec.header.subject, &ev).map_err(ReadError::from)?;
+                projector.apply_fresh(subject, &ev);
             }
         }
-        at = pos;
         if projector.len() >= FLUSH_DOCS {
-            flush(&mut projector, at)?;
-        }
-        if pos % 8192 == 0 {
+            projector.flush(&keys, &mut batch).map_err(ReadError::from)?;
+            store.apply(std::mem::take(&mut batch))?;
             if let Some(p) = progress {
-                p(pos, head);
+                p(done, head);
             }
         }
     }
-    flush(&mut projector, at)?;
-    store.sync()?;
+    projector.flush(&keys, &mut batch).map_err(ReadError::from)?;
+    batch.put_meta(views::META_AT, &head.to_be_bytes());
+    store.commit(batch)?;
     if let Some(p) = progress {
-        p(at, head);
+        p(head, head);
     }
     Ok(())
 }

@@ -639,6 +639,14 @@ impl Store {
         Ok(n)
     }
 
+    /// Every subject, in id order.
+    pub fn subjects(&self) -> impl Iterator<Item = Result<Uuid, StoreError>> + '_ {
+        self.tree.scan_prefix([P_SUBJECT]).map(|kv| {
+            let (k, _) = kv?;
+            Uuid::from_slice(&k[1..]).map_err(|_| StoreError::Meta("subject key"))
+        })
+    }
+
     /// The position of the record that erased this subject, if it was erased.
     pub fn erased(&self, subject: Uuid) -> Result<Option<Position>, StoreError> {
         Ok(self.tree.get(subject_key(P_ERASED, subject))?.and_then(|v| be_u64(&v)))
