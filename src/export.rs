@@ -18,21 +18,19 @@
 //!
 //! Each event lists the top-level fields of its `data` whose value a later event of the same
 //! subject replaced. The rule follows the views (`projections/`), which define what the current
-//! data is: the subject's events are replayed through every view from nothing, and a field of
-//! an event is *superseded* when a value the view took from that field is, in the final view
-//! document, no longer where the event put it (a later event wrote another value over it, or
-//! removed it). So `customer.registered`'s `email` is superseded by a later
-//! `customer.contact_changed` carrying another `email`, and an earlier drawing revision's
-//! `file_name` by a newer revision of the same drawing; a second note or invoice supersedes
-//! nothing (it is added beside the first), nor do amounts a view adds up. A later event that
-//! writes the same value again supersedes nothing: the value is still current. Fields that no
-//! view shows (invoice lines, a billing address) are records of what happened, never
-//! superseded. Where a value went is found by applying the event once more with that field's
-//! values replaced by markers; a view operation that removes array elements (none of the
-//! shipped views has one) shifts the elements after it, whose fields then count as
-//! superseded too.
+//! data is: a field of an event is *superseded* when a later event of the subject wrote over a
+//! value a view took from that field, or removed it. So `customer.registered`'s `email` is
+//! superseded by a later `customer.contact_changed` carrying `email`, and an earlier drawing
+//! revision's `file_name` by a newer revision of the same drawing (the drawing's list of
+//! revisions keeps the old one, but its current revision is the new one). A later event that
+//! states the same value again supersedes the earlier statement too: the current value now
+//! comes from it. A second note or invoice supersedes nothing (it is added beside the first),
+//! nor do amounts a view adds up; fields that select which element an event updates (an
+//! invoice number, a project id, a consent's purpose) identify and are never superseded; fields
+//! no view shows (invoice lines, a billing address) are records of what happened, never
+//! superseded.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
@@ -41,7 +39,7 @@ use uuid::Uuid;
 
 use crate::audit::{self, Action, Outcome};
 use crate::ledger::{Ledger, ReadError, StoredEvent};
-use crate::projection::{EventRef, Projections};
+use crate::projection::{EventRef, Projections, View};
 use crate::record::{self, Position};
 use crate::schema::{Category, EventSchema, Label, Schemas};
 use crate::store::StoreError;
@@ -102,8 +100,8 @@ pub struct Event {
     /// The data category whose key sealed it.
     pub category: Category,
     pub data: Value,
-    /// Top-level fields of `data` whose value a later event replaced (module documentation),
-    /// in the order of `data`.
+    /// Top-level fields of `data` whose value a later event of the subject replaced: no longer
+    /// current (the rule is in the module documentation). In the order of `data`.
     pub superseded_fields: Vec<String>,
 }
 
@@ -334,15 +332,12 @@ pub fn extract(ledger: &Ledger, subject: Uuid, generated_at_ms: u64) -> Result<E
             if used.is_empty() {
                 used.extend(declared);
             }
-            let mut type_labels: Option<TypeLabels> = None;
-            for s in used {
-                let t =
-                    type_labels.get_or_insert_with(|| TypeLabels { label: s.label.clone(), fields: BTreeMap::new() });
-                t.label = s.label.clone();
-                t.fields.extend(s.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
-            }
-            if let Some(t) = type_labels {
-                labels.insert(event_type.clone(), t);
+            if let Some(newest) = used.last() {
+                let mut fields = BTreeMap::new();
+                for s in &used {
+                    fields.extend(s.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
+                }
+                labels.insert(event_type.clone(), TypeLabels { label: newest.label.clone(), fields });
             }
         }
         categories.push(CategoryInfo {
@@ -403,59 +398,90 @@ pub fn events_for_import(extract: &Extract) -> impl Iterator<Item = Value> + '_ 
 // ---------------------------------------------------------------------------------------------
 // Superseded fields (the rule is in the module documentation).
 
-/// Marks a probed value; never a prefix of data a person typed (it starts with NUL).
-const PROBE: &str = "\u{0}pdledger-probe:";
+/// Starts a marker: never a prefix of data a person typed (it starts with NUL).
+const MARK: &str = "\u{0}pdledger-mark:";
 
-/// `v` with each string, number and boolean replaced by a numbered marker; the originals go to
-/// `leaves`, indexed by the marker's number. Markers are strings, so views that add numbers up
-/// skip them and only copied values are found.
-fn probe_value(v: &Value, leaves: &mut Vec<Value>) -> Value {
+/// One marked leaf of an event's data.
+struct Marker {
+    event: usize,
+    field: String,
+    /// Copies of the leaf the event itself put into the view's document.
+    placed: u32,
+    /// Copies left in the final document.
+    left: u32,
+}
+
+/// `v` with each string, number and boolean replaced by a numbered marker. Markers are
+/// strings, so operations that add numbers up skip them: only copied values are found.
+fn mark(v: &Value, event: usize, field: &str, markers: &mut Vec<Marker>) -> Value {
     match v {
-        Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), probe_value(v, leaves))).collect()),
-        Value::Array(a) => Value::Array(a.iter().map(|v| probe_value(v, leaves)).collect()),
+        Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), mark(v, event, field, markers))).collect()),
+        Value::Array(a) => Value::Array(a.iter().map(|v| mark(v, event, field, markers)).collect()),
         Value::Null => Value::Null,
-        leaf => {
-            leaves.push(leaf.clone());
-            Value::String(format!("{PROBE}{}", leaves.len() - 1))
+        _ => {
+            markers.push(Marker { event, field: field.to_owned(), placed: 0, left: 0 });
+            Value::String(format!("{MARK}{}", markers.len() - 1))
         }
     }
 }
 
-/// Where markers are in `v`: (JSON pointer, marker number).
-fn find_probes(v: &Value, at: &mut String, out: &mut Vec<(String, usize)>) {
+/// Counts the markers in `v` into `count`.
+fn count_marks(v: &Value, markers: &mut [Marker], count: fn(&mut Marker)) {
     match v {
         Value::String(s) => {
-            if let Some(i) = s.strip_prefix(PROBE).and_then(|n| n.parse().ok()) {
-                out.push((at.clone(), i));
+            if let Some(m) = s.strip_prefix(MARK).and_then(|n| n.parse::<usize>().ok()).and_then(|i| markers.get_mut(i))
+            {
+                count(m);
             }
         }
-        Value::Object(m) => {
-            for (k, v) in m {
-                let len = at.len();
-                at.push('/');
-                at.push_str(&k.replace('~', "~0").replace('/', "~1"));
-                find_probes(v, at, out);
-                at.truncate(len);
-            }
-        }
-        Value::Array(a) => {
-            for (i, v) in a.iter().enumerate() {
-                let len = at.len();
-                let _ = write!(at, "/{i}");
-                find_probes(v, at, out);
-                at.truncate(len);
-            }
-        }
+        Value::Object(m) => m.values().for_each(|v| count_marks(v, markers, count)),
+        Value::Array(a) => a.iter().for_each(|v| count_marks(v, markers, count)),
         _ => {}
     }
 }
 
+/// Same objects with the same keys and arrays of the same lengths, all the way down; scalar
+/// values may differ.
+fn same_shape(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same_shape(v, w)))
+        }
+        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(v, w)| same_shape(v, w)),
+        (Value::Object(_) | Value::Array(_), _) | (_, Value::Object(_) | Value::Array(_)) => false,
+        _ => true,
+    }
+}
+
+/// Whether `field` selects an array element in `view` (`invoices[invoice_number=/invoice_number]`):
+/// applying the event twice lands in the same element, applying it again with the field's
+/// values changed makes another one. Such fields identify; they are never marked.
+fn selects(view: &View, ev: &EventRef<'_>, field: &str) -> bool {
+    let mut changed = ev.data.clone();
+    let mut scratch = vec![];
+    changed[field] = mark(&ev.data[field], 0, field, &mut scratch);
+    let empty = || Value::Object(Map::new());
+    let (mut twice, mut other) = (empty(), empty());
+    view.apply(&mut twice, ev);
+    view.apply(&mut twice, ev);
+    view.apply(&mut other, ev);
+    view.apply(&mut other, &EventRef { data: &changed, ..*ev });
+    !same_shape(&twice, &other)
+}
+
 /// For each event, the top-level fields of its data that a later event superseded.
+///
+/// The events are replayed once through every view with each field's leaves replaced by
+/// markers (fields that select array elements keep their values, so every event lands where it
+/// really does). Applying an event to an empty document shows how many copies of each of its
+/// markers it makes (operations depend on the event, not on the document, for that); a field
+/// is superseded when the final document holds fewer. One replay: as costly as building the
+/// views from the stream.
 fn superseded_fields(projections: &Projections, events: &[StoredEvent]) -> Vec<Vec<String>> {
     let views = projections.views();
     let mut docs = vec![Value::Object(Map::new()); views.len()];
-    // (event index, field, view index, pointer into the view's document, value put there)
-    let mut placed: Vec<(usize, String, usize, String, Value)> = vec![];
+    let mut selectors: HashMap<(usize, &str, &str), bool> = HashMap::new();
+    let mut markers: Vec<Marker> = vec![];
     for (i, e) in events.iter().enumerate() {
         let ev = EventRef {
             event_type: &e.event_type,
@@ -466,42 +492,36 @@ fn superseded_fields(projections: &Projections, events: &[StoredEvent]) -> Vec<V
             position: e.position,
         };
         for (vi, view) in views.iter().enumerate().filter(|(_, v)| v.handles(&e.event_type)) {
-            let before = docs[vi].clone();
-            view.apply(&mut docs[vi], &ev);
-            let Value::Object(fields) = &e.data else { continue };
+            let Value::Object(fields) = &e.data else {
+                view.apply(&mut docs[vi], &ev);
+                continue;
+            };
+            let mut data = e.data.clone();
             for (field, value) in fields {
-                let mut leaves = vec![];
-                let probed = probe_value(value, &mut leaves);
-                if leaves.is_empty() {
-                    continue;
-                }
-                let mut data = e.data.clone();
-                data[field.as_str()] = probed;
-                let mut probe = before.clone();
-                view.apply(&mut probe, &EventRef { data: &data, ..ev });
-                let mut found = vec![];
-                find_probes(&probe, &mut String::new(), &mut found);
-                for (pointer, leaf) in found {
-                    // Only where the event really put the value: a field that selects an array
-                    // element selects another one when probed.
-                    if docs[vi].pointer(&pointer) == Some(&leaves[leaf]) {
-                        placed.push((i, field.clone(), vi, pointer, leaves[leaf].clone()));
-                    }
+                let key = (vi, e.event_type.as_str(), field.as_str());
+                if !*selectors.entry(key).or_insert_with(|| selects(view, &ev, field)) {
+                    data[field.as_str()] = mark(value, i, field, &mut markers);
                 }
             }
+            let marked = EventRef { data: &data, ..ev };
+            let mut alone = Value::Object(Map::new());
+            view.apply(&mut alone, &marked);
+            count_marks(&alone, &mut markers, |m| m.placed += 1);
+            view.apply(&mut docs[vi], &marked);
         }
     }
-    let mut gone: Vec<BTreeSet<String>> = vec![BTreeSet::new(); events.len()];
-    for (i, field, vi, pointer, value) in placed {
-        if docs[vi].pointer(&pointer) != Some(&value) {
-            gone[i].insert(field);
-        }
+    for doc in &docs {
+        count_marks(doc, &mut markers, |m| m.left += 1);
+    }
+    let mut gone: Vec<BTreeSet<&str>> = vec![BTreeSet::new(); events.len()];
+    for m in markers.iter().filter(|m| m.left < m.placed) {
+        gone[m.event].insert(&m.field);
     }
     events
         .iter()
         .zip(gone)
         .map(|(e, gone)| match &e.data {
-            Value::Object(fields) => fields.keys().filter(|k| gone.contains(*k)).cloned().collect(),
+            Value::Object(fields) => fields.keys().filter(|k| gone.contains(k.as_str())).cloned().collect(),
             _ => vec![],
         })
         .collect()
@@ -575,7 +595,6 @@ const KEY_LABELS: &[(&str, &str, &str)] = &[
     ("changed_on", "Ändrat", "Changed on"),
     ("notes", "Anteckningar", "Notes"),
     ("on", "Datum", "Date"),
-    ("text", "Text", "Text"),
     ("invoices", "Fakturor", "Invoices"),
     ("totals", "Summor", "Totals"),
     ("invoice_count", "Antal fakturor", "Number of invoices"),
@@ -800,7 +819,10 @@ pub fn to_html(extract: &Extract, schemas: &Schemas) -> String {
     if extract.current.is_empty() {
         let _ = writeln!(h, "<p>{}</p>", bi("Inga uppgifter.", "No data."));
     }
-    for (name, cur) in &extract.current {
+    // The register card first: the shipped views in the table's order, then any others by name.
+    let mut views: Vec<(&String, &Current)> = extract.current.iter().collect();
+    views.sort_by_key(|(name, _)| VIEW_LABELS.iter().position(|(n, _, _)| n == name).unwrap_or(VIEW_LABELS.len()));
+    for (name, cur) in views {
         let title = match VIEW_LABELS.iter().find(|(n, _, _)| n == name) {
             Some((_, sv, en)) => bi(sv, en),
             None => format!("<code>{}</code>", esc(name)),
@@ -854,7 +876,7 @@ pub fn to_html(extract: &Extract, schemas: &Schemas) -> String {
                             let _ = write!(
                                 h,
                                 "<span class=\"superseded\">{}</span>",
-                                bi("ersatt av senare uppgift", "replaced by a later value")
+                                bi("ersatt av senare uppgift", "replaced by a later entry")
                             );
                         }
                         h.push_str("</dd>\n");
@@ -1042,15 +1064,39 @@ mod tests {
             ev(11, "invoice.paid", json!({"invoice_number": "1", "paid_on": "2024-03-01", "amount_ore": 100})),
         ];
         let s = superseded_fields(&projections, &events);
-        // The email changed; the phone was written again with the same value: still current.
-        assert_eq!(s[0], vec!["email"]);
+        // The later change carries the email and the phone (the same phone: it is now where the
+        // current value comes from); the address and the name are the registration's.
+        assert_eq!(s[0], vec!["email", "phone"]);
+        // A new consent for the same purpose replaces the channel; the purpose identifies.
         assert_eq!(s[1], vec!["channel"]);
         assert!(s[2].is_empty() && s[3].is_empty() && s[4].is_empty());
+        // Notes are added, not replaced.
         assert!(s[5].is_empty() && s[6].is_empty());
-        assert_eq!(s[7], vec!["revision", "file_name", "content_hash"]);
+        // A new revision of the same drawing replaces the current revision's details.
+        assert_eq!(s[7], vec!["revision", "title", "file_name", "content_hash"]);
         assert!(s[8].is_empty());
         // The payment date is replaced by the later payment's; amounts are added up, not replaced.
         assert_eq!(s[9], vec!["paid_on"]);
         assert!(s[10].is_empty());
+    }
+
+    #[test]
+    fn each_detail_is_current_where_it_was_last_given() {
+        let schemas = Schemas::builtin();
+        let projections = Projections::builtin(&schemas).unwrap();
+        let address = |street: &str| json!({"street": street, "postal_code": "11122", "city": "Ort"});
+        let events = vec![
+            ev(
+                1,
+                "customer.registered",
+                json!({"kind": "company", "name": "AB", "org_number": "848987-2153",
+                "contact_person": "C D", "email": "a@example.org", "phone": "08-1", "address": address("Gatan 1")}),
+            ),
+            ev(2, "customer.contact_changed", json!({"email": "b@example.org"})),
+            ev(3, "customer.contact_changed", json!({"address": address("Gatan 2")})),
+            ev(4, "customer.contact_changed", json!({"email": "c@example.org"})),
+        ];
+        let s = superseded_fields(&projections, &events);
+        assert_eq!(s, vec![vec!["email", "address"], vec!["email"], vec![], vec![]]);
     }
 }
