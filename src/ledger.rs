@@ -250,7 +250,7 @@ impl Ledger {
         let shared = Arc::new(Shared::new(store, master, head_pos, opts.limits.keys_cached_max));
         if let Some(next) = rotating_to {
             let old = shared.master();
-            crate::rotate::finish(&shared, &opts.keyring, &opts.schemas, &old, &Arc::new(next))?;
+            crate::rotate::finish(&shared, &opts.keyring, &old, &Arc::new(next))?;
         }
         let credentials = load_or_create_credentials(&shared)?;
         if let Some((from, to, hash)) = redo {
@@ -281,7 +281,7 @@ impl Ledger {
     /// Rotates the master key now: a new generation, every subject key re-wrapped, the blind
     /// index recomputed, the old generation destroyed. Appends wait while it runs.
     pub fn rotate(&self) -> Result<crate::rotate::Rotated, crate::rotate::RotateError> {
-        crate::rotate::rotate(&self.shared, &self.keyring, &self.schemas)
+        crate::rotate::rotate(&self.shared, &self.keyring)
     }
 
     pub fn projections(&self) -> &Projections {
@@ -675,14 +675,15 @@ pub fn repair_tail(store: &Store, group_events_max: usize) -> Result<u64, OpenEr
 
 /// The blind-index entries of one event: for each lookup key its schema marks, the keyed hash
 /// of the normalised value (values that do not normalise are not indexed).
-pub fn blind_lookups(schema: &EventSchema, data: &Value, index_key: &IndexKey) -> Vec<(u8, [u8; 32])> {
+pub fn blind_lookups(schema: &EventSchema, data: &Value, index_key: &IndexKey) -> Vec<crate::lookup::Lookup> {
     let mut out = vec![];
     for (name, pointer) in &schema.lookup {
         let (Some(key), Some(raw)) = (LookupKey::from_name(name), data.pointer(pointer).and_then(Value::as_str)) else {
             continue;
         };
         if let Some(value) = key.normalise(raw) {
-            out.push((key as u8, index_key.blind(key.name(), &value)));
+            let blind = index_key.blind(key.name(), &value);
+            out.push(crate::lookup::Lookup { kind: key as u8, blind, value: zeroize::Zeroizing::new(value) });
         }
     }
     out
@@ -718,8 +719,13 @@ fn redo_after_head(
             Payload::Event { data, .. } => {
                 batch.put_stream(h.subject, h.version, pos);
                 if let Some(schema) = schemas.get(&h.event_type, h.schema_version) {
-                    for (kind, blind) in blind_lookups(schema, &data, &index_key) {
-                        batch.put_index(kind, &blind, h.subject, pos);
+                    let key = shared.keys.get(store, &master, h.subject, h.category).map_err(ReadError::from)?;
+                    for l in blind_lookups(schema, &data, &index_key) {
+                        let sealed = match &key {
+                            Some(k) => crate::lookup::seal_value(k, h.subject, l.kind, h.category, &l.value)?,
+                            None => vec![],
+                        };
+                        batch.put_index(l.kind, &l.blind, h.subject, pos, &sealed);
                     }
                 }
                 touched.push(h.subject);

@@ -24,13 +24,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde_json::Value;
 use uuid::Uuid;
 
 use crate::crypto::{MasterKey, SubjectKey};
 use crate::keyring::{Keyring, KeyringError};
-use crate::record::{self, Kind};
-use crate::schema::Schemas;
 use crate::store::{StoreError, WriteBatch};
 use crate::writer::Shared;
 
@@ -62,10 +59,13 @@ pub struct Rotated {
     /// Blind-index entries recomputed.
     pub index_entries: u64,
     pub seconds: f64,
+    /// Of which: re-wrapping keys, and recomputing the index.
+    pub rewrap_seconds: f64,
+    pub index_seconds: f64,
 }
 
 /// Rotates to a new generation. Blocks appends while it runs.
-pub fn rotate(shared: &Shared, keyring: &Keyring, schemas: &Schemas) -> Result<Rotated, RotateError> {
+pub fn rotate(shared: &Shared, keyring: &Keyring) -> Result<Rotated, RotateError> {
     if matches!(keyring, Keyring::Env(..)) {
         return Err(RotateError::EnvKeyring);
     }
@@ -77,13 +77,15 @@ pub fn rotate(shared: &Shared, keyring: &Keyring, schemas: &Schemas) -> Result<R
     let mut b = WriteBatch::default();
     b.put_meta(META_ROTATING, &new.generation().to_be_bytes());
     shared.store.commit(b)?;
-    let (keys, index_entries) = finish(shared, keyring, schemas, &old, &new)?;
+    let f = finish(shared, keyring, &old, &new)?;
     Ok(Rotated {
         from: old.generation(),
         to: new.generation(),
-        keys,
-        index_entries,
+        keys: f.keys,
+        index_entries: f.index_entries,
         seconds: started.elapsed().as_secs_f64(),
+        rewrap_seconds: f.rewrap_seconds,
+        index_seconds: f.index_seconds,
     })
 }
 
@@ -124,14 +126,22 @@ pub fn resume(
     }
 }
 
+/// What `finish` did.
+pub struct Finished {
+    pub keys: u64,
+    pub index_entries: u64,
+    pub rewrap_seconds: f64,
+    pub index_seconds: f64,
+}
+
 /// Steps 3-6, idempotent: re-wrap, recompute the index, switch, destroy the old generation.
 pub fn finish(
     shared: &Shared,
     keyring: &Keyring,
-    schemas: &Schemas,
     old: &MasterKey,
     new: &Arc<MasterKey>,
-) -> Result<(u64, u64), RotateError> {
+) -> Result<Finished, RotateError> {
+    let t = Instant::now();
     const CHUNK: usize = 10_000;
     let store = &shared.store;
     shared.keys.set_alternate(Some(new.clone()));
@@ -169,44 +179,38 @@ pub fn finish(
         }
     }
     store.apply(std::mem::take(&mut b))?;
+    let rewrap_seconds = t.elapsed().as_secs_f64();
+    let t = Instant::now();
 
-    // Step 4: the blind index under the new index key, from the events that carried the
-    // values (decrypted; the values are never stored).
-    let (old_index, new_index) = (old.index_key(), new.index_key());
+    // Step 4: the blind index under the new index key, from the normalised values kept
+    // sealed beside it (under each subject's key; never stored in clear).
+    let new_index = new.index_key();
     let mut index_entries = 0u64;
-    let entries: Vec<_> = store.index_entries().collect::<Result<_, _>>()?;
-    for (kind, blind, subject, pos) in entries {
-        let bytes = store.record(pos)?.ok_or_else(|| RotateError::Failed(format!("record {pos} missing")))?;
-        let rec = record::decode(&bytes).map_err(|e| RotateError::Failed(format!("record {pos}: {e}")))?;
-        if rec.header.kind != Kind::Sealed {
-            continue;
-        }
-        let Some(wrapped) = store.wrapped_key(subject, rec.header.category)? else {
-            // The subject's key is gone (erased): the entry should be too.
+    let entries: Vec<_> = store.index_rev_entries().collect::<Result<_, _>>()?;
+    for (subject, kind, blind, sealed) in entries {
+        let category = crate::lookup::sealed_category(&sealed);
+        let key = match category {
+            Some(c) => shared.keys.get(store, old, subject, c).map_err(|e| RotateError::Failed(e.to_string()))?,
+            None => None,
+        };
+        let value = key.and_then(|k| crate::lookup::open_value(&k, subject, kind, &sealed));
+        let (Some(value), Some(lookup)) = (value, crate::lookup::LookupKey::from_u8(kind)) else {
+            // No key (erased) or nothing to re-hash: the entry cannot stay.
             b.remove_index(kind, &blind, subject);
             continue;
         };
-        let key = unwrap_any(subject, rec.header.category, &wrapped)?;
-        let plain = zeroize::Zeroizing::new(
-            key.open(&rec.nonce, &record::seal_aad(&rec.header), &rec.payload)
-                .map_err(|e| RotateError::Failed(format!("record {pos}: {e}")))?,
-        );
-        let v: Value = serde_json::from_slice(&plain).map_err(|e| RotateError::Failed(format!("record {pos}: {e}")))?;
-        let data = v.get("data").cloned().unwrap_or(Value::Null);
-        let Some(schema) = schemas.get(&rec.header.event_type, rec.header.schema_version) else { continue };
-        let old_blinds = crate::ledger::blind_lookups(schema, &data, &old_index);
-        let new_blinds = crate::ledger::blind_lookups(schema, &data, &new_index);
-        for ((k_old, b_old), (k_new, b_new)) in old_blinds.iter().zip(&new_blinds) {
-            if *k_old == kind && *b_old == blind && b_old != b_new {
-                b.remove_index(kind, &blind, subject);
-                b.put_index(*k_new, b_new, subject, pos);
-                index_entries += 1;
-            }
+        let fresh = new_index.blind(lookup.name(), &value);
+        if fresh != blind {
+            let pos = store.index_position(kind, &blind, subject)?.unwrap_or(0);
+            b.remove_index(kind, &blind, subject);
+            b.put_index(kind, &fresh, subject, pos, &sealed);
+            index_entries += 1;
         }
         if b.len() >= CHUNK {
             store.apply(std::mem::take(&mut b))?;
         }
     }
+    let index_seconds = t.elapsed().as_secs_f64();
 
     // Step 5: switch, durably.
     b.put_meta("master_gen", &new.generation().to_be_bytes());
@@ -220,5 +224,5 @@ pub fn finish(
     // Step 6: the old generation goes.
     keyring.destroy(old.generation())?;
     tracing::info!(from = old.generation(), to = new.generation(), keys, index_entries, "rotated the master key");
-    Ok((keys, index_entries))
+    Ok(Finished { keys, index_entries, rewrap_seconds, index_seconds })
 }

@@ -28,6 +28,8 @@ use uuid::Uuid;
 use crate::record::{ChainHash, Position, HASH_LEN};
 
 const TREE: &str = "ledger";
+const INDEX_TREE: &str = "index";
+const VIEWS_TREE: &str = "views";
 const P_LOG: u8 = b'L';
 const P_STREAM: u8 = b'S';
 const P_KEY: u8 = b'K';
@@ -71,7 +73,13 @@ impl std::ops::Deref for Value {
 pub struct Store {
     dir: PathBuf,
     db: sled::Db,
+    /// The log, keys, subjects, fences and metadata.
     tree: sled::Tree,
+    /// Stream, blind and audit indexes: small entries at random places, kept out of the
+    /// log's leaves (sled copies a whole leaf on every insert into it).
+    index: sled::Tree,
+    /// View documents: the largest values, rewritten on every event that touches them.
+    views: sled::Tree,
     /// An open handle on sled's data file: `fsync` through it makes sled's writes durable.
     data_file: File,
     synced_blobs: Mutex<BTreeSet<std::ffi::OsString>>,
@@ -136,9 +144,10 @@ impl WriteBatch {
     }
     /// A blind-index entry: this subject has an event at `position` whose lookup value
     /// hashes to `blind`.
-    pub fn put_index(&mut self, kind: u8, blind: &[u8; 32], subject: Uuid, position: Position) {
+    /// `sealed` is the normalised value sealed under the subject's key (see `lookup.rs`).
+    pub fn put_index(&mut self, kind: u8, blind: &[u8; 32], subject: Uuid, position: Position, sealed: &[u8]) {
         self.put(index_key(kind, blind, subject), &position.to_be_bytes());
-        self.put(index_rev_key(subject, kind, blind), &[]);
+        self.put(index_rev_key(subject, kind, blind), sealed);
     }
     /// Removes one blind-index entry and its reverse entry.
     pub fn remove_index(&mut self, kind: u8, blind: &[u8; 32], subject: Uuid) {
@@ -371,9 +380,11 @@ impl Store {
         let opened = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let db = config.open()?;
             let tree = db.open_tree(TREE)?;
-            Ok::<_, sled::Error>((db, tree))
+            let index = db.open_tree(INDEX_TREE)?;
+            let views = db.open_tree(VIEWS_TREE)?;
+            Ok::<_, sled::Error>((db, tree, index, views))
         }));
-        let (db, tree) = match opened {
+        let (db, tree, index, views) = match opened {
             Ok(Ok(v)) => v,
             Ok(Err(sled::Error::Io(e))) => return Err(io(&path)(e)),
             Ok(Err(e)) => return Err(StoreError::Damaged { dir: dir.to_owned(), detail: e.to_string() }),
@@ -392,10 +403,28 @@ impl Store {
         for d in [dir, path.as_path()] {
             File::open(d).and_then(|f| f.sync_all()).map_err(io(d))?;
         }
-        let store =
-            Store { dir: dir.to_owned(), db, tree, data_file, synced_blobs: Mutex::new(BTreeSet::new()), _lock: lock };
+        let store = Store {
+            dir: dir.to_owned(),
+            db,
+            tree,
+            index,
+            views,
+            data_file,
+            synced_blobs: Mutex::new(BTreeSet::new()),
+            _lock: lock,
+        };
         *store.synced_blobs.lock().expect("not poisoned") = store.blob_names()?;
         Ok(store)
+    }
+
+    /// Which sled tree holds keys of this prefix. (One sled log holds all trees, so a crash
+    /// still keeps a prefix of the writes across them.)
+    fn tree_for(&self, prefix: u8) -> &sled::Tree {
+        match prefix {
+            P_STREAM | P_INDEX | P_INDEX_REV | P_AUDIT => &self.index,
+            P_VIEW => &self.views,
+            _ => &self.tree,
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -422,9 +451,10 @@ impl Store {
     /// Applies the writes in order, without waiting for them to be durable: `sync` does that.
     pub fn apply(&self, batch: WriteBatch) -> Result<(), StoreError> {
         for (k, v) in batch.ops {
+            let tree = self.tree_for(k[0]);
             match v {
-                Some(v) => self.tree.insert(k, v)?,
-                None => self.tree.remove(k)?,
+                Some(v) => tree.insert(k, v)?,
+                None => tree.remove(k)?,
             };
         }
         Ok(())
@@ -497,7 +527,7 @@ impl Store {
 
     /// A subject's current stream version (0 when it has no events).
     pub fn stream_version(&self, subject: Uuid) -> Result<u64, StoreError> {
-        match self.tree.scan_prefix(stream_prefix(subject)).next_back() {
+        match self.index.scan_prefix(stream_prefix(subject)).next_back() {
             None => Ok(0),
             Some(kv) => Ok(be_u64(&kv?.0[17..]).ok_or(StoreError::Meta("stream key"))?),
         }
@@ -505,7 +535,7 @@ impl Store {
 
     /// A subject's stream, newest first: (version, position).
     pub fn stream_rev(&self, subject: Uuid) -> impl Iterator<Item = Result<(u64, Position), StoreError>> + '_ {
-        self.tree.scan_prefix(stream_prefix(subject)).rev().map(|kv| {
+        self.index.scan_prefix(stream_prefix(subject)).rev().map(|kv| {
             let (k, v) = kv?;
             let version = be_u64(&k[17..]).ok_or(StoreError::Meta("stream key"))?;
             let pos = be_u64(&v).ok_or(StoreError::Meta("stream value"))?;
@@ -521,7 +551,7 @@ impl Store {
     ) -> impl Iterator<Item = Result<(u64, Position), StoreError>> + '_ {
         let start = stream_key(subject, after_version.saturating_add(1));
         let end = stream_key(subject, u64::MAX);
-        self.tree.range(start..=end).map(|kv| {
+        self.index.range(start..=end).map(|kv| {
             let (k, v) = kv?;
             let version = be_u64(&k[17..]).ok_or(StoreError::Meta("stream key"))?;
             let pos = be_u64(&v).ok_or(StoreError::Meta("stream value"))?;
@@ -541,7 +571,7 @@ impl Store {
     pub fn lookup(&self, kind: u8, blind: &[u8; 32], max: usize) -> Result<Vec<(Uuid, Position)>, StoreError> {
         let mut prefix = vec![P_INDEX, kind];
         prefix.extend_from_slice(blind);
-        self.tree
+        self.index
             .scan_prefix(prefix)
             .take(max)
             .map(|kv| {
@@ -571,7 +601,7 @@ impl Store {
         let mut end = prefix.clone();
         end.extend_from_slice(&before.to_be_bytes());
         let n = prefix.len();
-        self.tree.range(prefix..end).rev().map(move |kv| {
+        self.index.range(prefix..end).rev().map(move |kv| {
             let (k, _) = kv?;
             be_u64(&k[n..]).ok_or(StoreError::Meta("audit key"))
         })
@@ -581,7 +611,7 @@ impl Store {
     pub fn index_of(&self, subject: Uuid) -> Result<Vec<(u8, [u8; 32])>, StoreError> {
         let prefix = subject_key(P_INDEX_REV, subject);
         let mut out = vec![];
-        for kv in self.tree.scan_prefix(prefix) {
+        for kv in self.index.scan_prefix(prefix) {
             let (k, _) = kv?;
             let blind: [u8; 32] = k[18..].try_into().map_err(|_| StoreError::Meta("index key"))?;
             out.push((k[17], blind));
@@ -589,9 +619,25 @@ impl Store {
         Ok(out)
     }
 
+    /// Every reverse blind-index entry: (subject, kind, hash, sealed normalised value).
+    pub fn index_rev_entries(&self) -> impl Iterator<Item = Result<(Uuid, u8, [u8; 32], Value), StoreError>> + '_ {
+        self.index.scan_prefix([P_INDEX_REV]).map(|kv| {
+            let (k, v) = kv?;
+            let bad = || StoreError::Meta("reverse index key");
+            let subject = Uuid::from_slice(k.get(1..17).ok_or_else(bad)?).map_err(|_| bad())?;
+            let blind: [u8; 32] = k.get(18..50).and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
+            Ok((subject, k[17], blind, Value(v)))
+        })
+    }
+
+    /// The position an index entry points at.
+    pub fn index_position(&self, kind: u8, blind: &[u8; 32], subject: Uuid) -> Result<Option<Position>, StoreError> {
+        Ok(self.index.get(index_key(kind, blind, subject))?.and_then(|v| be_u64(&v)))
+    }
+
     /// Every blind-index entry: (kind, hash, subject, position of the event that carried it).
     pub fn index_entries(&self) -> impl Iterator<Item = Result<(u8, [u8; 32], Uuid, Position), StoreError>> + '_ {
-        self.tree.scan_prefix([P_INDEX]).map(|kv| {
+        self.index.scan_prefix([P_INDEX]).map(|kv| {
             let (k, v) = kv?;
             let bad = || StoreError::Meta("index key");
             let blind: [u8; 32] = k.get(2..34).and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
@@ -601,7 +647,7 @@ impl Store {
     }
 
     pub fn view(&self, view: &str, subject: Uuid) -> Result<Option<Value>, StoreError> {
-        Ok(self.tree.get(view_key(view, subject))?.map(Value))
+        Ok(self.views.get(view_key(view, subject))?.map(Value))
     }
 
     /// A view's documents in subject-id order, after `after` (exclusive).
@@ -622,7 +668,7 @@ impl Store {
         };
         let mut end = prefix;
         end.extend_from_slice(&[0xff; 17]);
-        self.tree.range(start..end).map(move |kv| {
+        self.views.range(start..end).map(move |kv| {
             let (k, v) = kv?;
             let subject = Uuid::from_slice(&k[n..]).map_err(|_| StoreError::Meta("view key"))?;
             Ok((subject, Value(v)))
@@ -632,8 +678,8 @@ impl Store {
     /// Removes every view document (before a rebuild). Returns how many.
     pub fn clear_views(&self) -> Result<u64, StoreError> {
         let mut n = 0;
-        for kv in self.tree.scan_prefix([P_VIEW]) {
-            self.tree.remove(kv?.0)?;
+        for kv in self.views.scan_prefix([P_VIEW]) {
+            self.views.remove(kv?.0)?;
             n += 1;
         }
         Ok(n)

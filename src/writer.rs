@@ -35,7 +35,7 @@ pub struct PreparedEvent {
     /// The JSON `{"occurred_at":..,"data":..}`: sealed by the writer, never stored in clear.
     pub plaintext: zeroize::Zeroizing<Vec<u8>>,
     /// Blind-index entries: (lookup key, keyed hash of the normalised value).
-    pub lookups: Vec<(u8, [u8; 32])>,
+    pub lookups: Vec<crate::lookup::Lookup>,
     /// The same event in clear, for the projections (kept in memory only).
     pub occurred_at: String,
     pub data: Value,
@@ -459,8 +459,8 @@ impl Writer {
         for (subject, at) in &g.creates {
             batch.put_subject(*subject, *at);
         }
-        for (kind, blind, subject, at) in &g.index {
-            batch.put_index(*kind, blind, *subject, *at);
+        for (kind, blind, subject, at, sealed) in &g.index {
+            batch.put_index(*kind, blind, *subject, *at, sealed);
         }
         for (at, subject, actor, action) in &g.audit {
             batch.put_audit(*at, *subject, actor, action);
@@ -483,7 +483,7 @@ impl Writer {
         }
         for (subject, at) in &g.erasures {
             let staged_index: Vec<_> =
-                g.index.iter().filter(|(_, _, s, _)| s == subject).map(|(k, b, _, _)| (*k, *b)).collect();
+                g.index.iter().filter(|(_, _, s, _, _)| s == subject).map(|(k, b, _, _, _)| (*k, *b)).collect();
             if let Err(e) = erase_side_effects(
                 &self.shared.store,
                 self.projector.projections(),
@@ -710,8 +710,10 @@ impl Writer {
                     let (nonce, payload) =
                         key.seal(&record::seal_aad(&header), &ev.plaintext).map_err(|e| e.to_string())?;
                     positions.push(header.position);
-                    for (kind, blind) in ev.lookups {
-                        g.index.push((kind, blind, subject, header.position));
+                    for l in ev.lookups {
+                        let sealed = crate::lookup::seal_value(&key, subject, l.kind, ev.category, &l.value)
+                            .map_err(|e| e.to_string())?;
+                        g.index.push((l.kind, l.blind, subject, header.position, sealed));
                     }
                     if self.projector.projections().handles(&header.event_type) {
                         g.projected.push(Projected {
@@ -843,6 +845,9 @@ struct Pending {
 /// A subject key created by this group: (subject, category, wrapped, key).
 type NewKey = (Uuid, u8, Vec<u8>, Arc<SubjectKey>);
 
+/// A blind-index entry: (lookup key, hash, subject, position of the event, sealed value).
+type IndexEntry = (u8, [u8; 32], Uuid, Position, Vec<u8>);
+
 /// An event of this group that some view handles.
 struct Projected {
     subject: Uuid,
@@ -867,6 +872,5 @@ struct Group {
     restrictions: Vec<(Uuid, bool)>,
     /// Subjects created by this group, and the position that created each.
     creates: Vec<(Uuid, Position)>,
-    /// Blind-index entries: (lookup key, hash, subject, position of the event).
-    index: Vec<(u8, [u8; 32], Uuid, Position)>,
+    index: Vec<IndexEntry>,
 }
