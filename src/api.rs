@@ -160,6 +160,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Rotates the master key after erasures (coalesced).
     pub rotation: Arc<crate::rotator::Rotator>,
+    /// Continuous backup, when `serve --backup-dir` runs one.
+    pub backup: Option<Arc<Mutex<crate::backup::Continuous>>>,
     limiter: Arc<tokio::sync::Semaphore>,
 }
 
@@ -168,7 +170,13 @@ impl AppState {
         let limiter = Arc::new(tokio::sync::Semaphore::new(config.concurrency_max));
         let rotation =
             Arc::new(crate::rotator::Rotator::spawn(ledger.clone(), Duration::from_millis(config.rotate_delay_ms)));
-        AppState { ledger, auth, config: Arc::new(config), metrics: Arc::default(), rotation, limiter }
+        AppState { ledger, auth, config: Arc::new(config), metrics: Arc::default(), rotation, backup: None, limiter }
+    }
+
+    /// Reports this continuous backup in `/healthz` and `/metrics`.
+    pub fn with_backup(mut self, backup: crate::backup::Continuous) -> AppState {
+        self.backup = Some(Arc::new(Mutex::new(backup)));
+        self
     }
 
     /// Requests being handled right now (they hold a concurrency slot).
@@ -1486,8 +1494,18 @@ async fn ledger_head(State(state): State<AppState>) -> Result<Response, ApiError
     Ok(axum::Json(json!({"position": position, "hash": hash.to_hex()})).into_response())
 }
 
-async fn healthz() -> Response {
-    axum::Json(json!({"status": "ok"})).into_response()
+/// Liveness, and the continuous backup's state when one runs (`degraded` while it fails).
+async fn healthz(State(state): State<AppState>) -> Response {
+    match &state.backup {
+        None => axum::Json(json!({"status": "ok"})).into_response(),
+        Some(b) => {
+            let s = b.lock().expect("not poisoned").status();
+            let status = if s.error.is_some() { "degraded" } else { "ok" };
+            axum::Json(json!({"status": status, "backup": {"last_position": s.last_position,
+                "lag_records": s.lag_records, "failing": s.error.is_some()}}))
+            .into_response()
+        }
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -1516,6 +1534,17 @@ async fn metrics(State(state): State<AppState>) -> Response {
     let _ = writeln!(out, "# TYPE pdledger_fsyncs_total counter\npdledger_fsyncs_total {fsyncs}");
     let head = state.ledger.head().map(|h| h.0).unwrap_or(0);
     let _ = writeln!(out, "# TYPE pdledger_head_position gauge\npdledger_head_position {head}");
+    if let Some(b) = &state.backup {
+        let s = b.lock().expect("not poisoned").status();
+        let _ =
+            writeln!(out, "# TYPE pdledger_backup_lag_records gauge\npdledger_backup_lag_records {}", s.lag_records);
+        let _ = writeln!(out, "# TYPE pdledger_backup_position gauge\npdledger_backup_position {}", s.last_position);
+        let _ = writeln!(
+            out,
+            "# TYPE pdledger_backup_failing gauge\npdledger_backup_failing {}",
+            u8::from(s.error.is_some())
+        );
+    }
     let overloaded = state.metrics.overloaded.load(std::sync::atomic::Ordering::Relaxed);
     let _ = writeln!(out, "# TYPE pdledger_overloaded_total counter\npdledger_overloaded_total {overloaded}");
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()

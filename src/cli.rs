@@ -155,6 +155,14 @@ enum Command {
         /// Serve plain HTTP (behind a TLS-terminating proxy, or for tests). Loopback only.
         #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
         plain_http: bool,
+        /// Continuous backup: every acknowledged record is copied here shortly after it is
+        /// durable, with the wrapped-key table after every change (no master key, no clear
+        /// personal data). Can be a mounted remote disk; resumes after a crash or a full disk.
+        #[arg(long, env = "PDLEDGER_BACKUP_DIR")]
+        backup_dir: Option<PathBuf>,
+        /// How often the continuous backup copies what became durable (the most it lags).
+        #[arg(long, default_value_t = 200)]
+        backup_interval_ms: u64,
         #[command(flatten)]
         limits: ServeLimits,
     },
@@ -190,6 +198,36 @@ enum Command {
         /// The actor recorded on the erasure.
         #[arg(long, default_value = "cli")]
         actor: String,
+    },
+    /// A one-off backup into DEST (a new or empty directory, or an earlier backup of this
+    /// ledger to bring up to date). Works on a stopped data directory and, through its control
+    /// socket, while `serve` runs on it. No key needed; the result holds no master key.
+    Backup {
+        dest: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild a data directory from a backup: verified first, views rebuilt, every erasure
+    /// found in the newer sources given with --erasures-from re-applied, the newest key table
+    /// the keyring opens used. Refuses a non-empty directory without --force; leaves nothing
+    /// half-written.
+    Restore {
+        src: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
+        keys: KeyArgs,
+        /// A newer data directory (not in use) or backup of the same ledger: its erasures are
+        /// re-applied and its key table may be the one used. Repeatable.
+        #[arg(long = "erasures-from")]
+        erasures_from: Vec<PathBuf>,
+        /// Replace a non-empty data directory.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
     },
     /// Master-key management.
     Keys {
@@ -349,6 +387,25 @@ pub fn options(data: &DataArgs, keys: &KeyArgs, holder: &str, mut limits: Limits
     Ok(opts)
 }
 
+/// `pdledger backup` while `serve` holds the data directory: asks the server, through its
+/// control socket, to write the backup.
+fn backup_through_server(data: &std::path::Path, dest: &std::path::Path) -> anyhow::Result<crate::backup::Manifest> {
+    use std::io::{BufRead as _, Write as _};
+    let socket = data.join(crate::serve::CONTROL_SOCKET);
+    let dest = std::path::absolute(dest)?;
+    let mut s = std::os::unix::net::UnixStream::connect(&socket).with_context(|| {
+        format!("the data directory is in use, and its server's control socket {} does not answer", socket.display())
+    })?;
+    writeln!(s, "{}", serde_json::json!({"command": "backup", "dest": dest}))?;
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line)?;
+    let v: serde_json::Value = serde_json::from_str(&line).context("the server's answer")?;
+    if v["ok"] != true {
+        bail!("the server could not write the backup: {}", v["error"].as_str().unwrap_or("unknown error"));
+    }
+    Ok(serde_json::from_value(v["manifest"].clone())?)
+}
+
 /// `replay --subject`: the subject's events up to `until`, then its views built from them.
 fn replay_subject(
     ledger: &Ledger,
@@ -357,6 +414,13 @@ fn replay_subject(
     json: bool,
     out: &mut impl Write,
 ) -> anyhow::Result<Outcome> {
+    if let Some(e) = ledger.erasure(subject)? {
+        eprintln!(
+            "subject {subject} was erased at {} (position {}): its events are crypto-shredded",
+            e.erased_at, e.position
+        );
+        return Ok(Outcome::Failed);
+    }
     let mut events = ledger.read_stream(subject, 0, usize::MAX)?;
     events.retain(|e| match until {
         Some(Until::Position(p)) => e.position <= p,
@@ -467,6 +531,96 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
                     )
                 }
             }
+        }
+        Command::Verify { data, anchor, json } if crate::backup::is_backup(&data.data) => {
+            let report = crate::backup::verify(&data.data, anchor)?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&report)?)?;
+            } else if report.ok {
+                writeln!(out, "ok: backup of {} records, chain whole\nhead {}", report.events, report.anchor())?;
+            } else {
+                writeln!(
+                    out,
+                    "BROKEN at position {}: {}\n{} records whole before it",
+                    report.first_bad_position.unwrap_or(0),
+                    report.reason.as_deref().unwrap_or(""),
+                    report.events
+                )?;
+            }
+            Ok(if report.ok { Outcome::Passed } else { Outcome::Failed })
+        }
+        Command::Backup { dest, data, json } => {
+            let manifest = match Store::open(&data.data, "pdledger backup", cache_bytes(64)?) {
+                Ok(store) => {
+                    let head = store.head()?.map(|h| h.0).unwrap_or(0);
+                    crate::backup::backup_store(&store, head, &dest)?
+                }
+                Err(crate::store::StoreError::Locked { .. }) => backup_through_server(&data.data, &dest)?,
+                Err(e) => return Err(e.into()),
+            };
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&manifest)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "backup in {}: records {}..{}, head {}:{}, key table {}\nKeep the keyring (not in the backup) safe separately; it changes at every key rotation.",
+                    dest.display(),
+                    manifest.first_position,
+                    manifest.last_position,
+                    manifest.last_position,
+                    manifest.head_hash,
+                    manifest.keys.as_ref().map(|k| format!("generation {} as of {}", k.generation, k.as_of_position)).unwrap_or_else(|| "none".into())
+                )?;
+            }
+            Ok(Outcome::Passed)
+        }
+        Command::Restore { src, data, keys, erasures_from, force, json } => {
+            let base = options(&data, &keys, "pdledger restore", Limits::default())?;
+            let (schemas, projections) = (base.schemas.clone(), base.projections.clone());
+            drop(base);
+            let summary = crate::restore::restore(
+                crate::restore::Options {
+                    src,
+                    data: data.data.clone(),
+                    keyring: Keyring::from_env_or_dir(&keys.keyring),
+                    erasures_from,
+                    force,
+                    open: Box::new(move |d, k| {
+                        let mut o = OpenOptions::new(d, k, "pdledger restore");
+                        o.schemas = schemas.clone();
+                        o.projections = projections.clone();
+                        o
+                    }),
+                },
+                |step| progress_line(tty, step),
+            );
+            progress_line(tty, "");
+            let summary = match summary {
+                Ok(s) => s,
+                Err(crate::restore::RestoreError::Refused(why)) => {
+                    eprintln!("restore refused: {why}");
+                    return Ok(Outcome::Failed);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&summary)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "restored {} records into {} in {:.2} s ({:.0} records/s), head {}\nkey table: {} (generation {}); erasures re-applied: {}; subjects without a key: {}",
+                    summary.records,
+                    data.data.display(),
+                    summary.seconds,
+                    summary.records_per_second,
+                    summary.head,
+                    summary.key_table,
+                    summary.key_generation,
+                    summary.erasures_reapplied.len(),
+                    summary.subjects_without_key
+                )?;
+            }
+            Ok(Outcome::Passed)
         }
         Command::Verify { data, anchor, json } => {
             let store = Store::open(&data.data, "pdledger verify", cache_bytes(64)?)?;
@@ -692,7 +846,17 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             }
             Ok(Outcome::Passed)
         }
-        Command::Serve { data, keys, listen, tls_cert, tls_key, plain_http, limits: l } => {
+        Command::Serve {
+            data,
+            keys,
+            listen,
+            tls_cert,
+            tls_key,
+            plain_http,
+            backup_dir,
+            backup_interval_ms,
+            limits: l,
+        } => {
             let limits = Limits {
                 event_bytes_max: l.event_bytes_max,
                 events_per_append_max: l.events_per_request_max,
@@ -708,6 +872,8 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             let opts = crate::serve::ServeOptions {
                 listen,
                 tls,
+                backup_dir,
+                backup_interval: std::time::Duration::from_millis(backup_interval_ms.max(10)),
                 api: crate::api::ApiConfig {
                     body_bytes_max: l.body_bytes_max,
                     page_max: l.page_max,

@@ -353,6 +353,18 @@ impl Ledger {
         Ok(self.shared.store.restricted(subject)?.is_some_and(|p| p <= self.shared.durable()))
     }
 
+    /// Moves whenever the wrapped-key table changes.
+    pub fn key_epoch(&self) -> u64 {
+        self.shared.key_epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The wrapped-key table as it stands, for a backup of the log up to `as_of`. Taken
+    /// between rotations (never half re-wrapped).
+    pub fn key_table(&self, as_of: Position) -> Result<crate::backup::KeyTable, crate::backup::BackupError> {
+        let _not_rotating = self.shared.rotation.lock().expect("not poisoned");
+        crate::backup::KeyTable::of_store(&self.shared.store, as_of)
+    }
+
     /// The current master-key generation.
     pub fn key_generation(&self) -> u32 {
         self.shared.master().generation()
@@ -707,13 +719,18 @@ fn redo_after_head(
     let index_key = master.index_key();
     let mut batch = WriteBatch::default();
     let mut touched: Vec<Uuid> = vec![];
-    let mut erased: Vec<Uuid> = vec![];
+    let mut erased: Vec<(Uuid, Position)> = vec![];
+    let mut created = std::collections::HashSet::new();
     for pos in from..=to {
+        if batch.len() >= 50_000 {
+            store.apply(std::mem::take(&mut batch))?;
+        }
         let bytes = store.record(pos)?.ok_or(OpenError::Inconsistent { meta: from - 1, log: pos })?;
         let rec = decode_at(pos, &bytes)?;
         let h = &rec.header;
-        if store.subject_created(h.subject)?.is_none() && !h.subject.is_nil() {
+        if !h.subject.is_nil() && !created.contains(&h.subject) && store.subject_created(h.subject)?.is_none() {
             batch.put_subject(h.subject, pos);
+            created.insert(h.subject);
         }
         match open_record(shared, &master, &rec)? {
             Payload::Event { data, .. } => {
@@ -736,7 +753,7 @@ fn redo_after_head(
                     let action = v.get("action").and_then(Value::as_str).unwrap_or("");
                     batch.put_audit(pos, Some(h.subject).filter(|s| !s.is_nil()), &h.actor, action);
                 }
-                writer::ERASED => erased.push(h.subject),
+                writer::ERASED => erased.push((h.subject, pos)),
                 writer::RESTRICTED => batch.put_restricted(h.subject, Some(pos)),
                 writer::UNRESTRICTED => batch.put_restricted(h.subject, None),
                 _ => {}
@@ -745,23 +762,8 @@ fn redo_after_head(
     }
     store.apply(batch)?;
     let mut batch = WriteBatch::default();
-    for subject in &erased {
-        let at = store.erased(*subject)?;
-        let pos = match at {
-            Some(p) => p,
-            None => {
-                // The erasure record's position: the last such record of this subject.
-                let mut found = 0;
-                for p in from..=to {
-                    let rec =
-                        decode_at(p, &store.record(p)?.ok_or(OpenError::Inconsistent { meta: from - 1, log: p })?)?;
-                    if rec.header.subject == *subject && rec.header.event_type == writer::ERASED {
-                        found = p;
-                    }
-                }
-                found
-            }
-        };
+    for (subject, pos) in &erased {
+        let (subject, pos) = (subject, *pos);
         writer::erase_side_effects(store, projections, *subject, pos, vec![], &mut batch)?;
         shared.keys.forget(Some(*subject));
     }
@@ -774,7 +776,7 @@ fn redo_after_head(
     }
     touched.sort_unstable();
     touched.dedup();
-    touched.retain(|s| !erased.contains(s));
+    touched.retain(|s| !erased.iter().any(|(e, _)| e == s));
     let keys = |s: Uuid, c: u8| shared.keys.get(store, &master, s, c).map_err(|e| e.to_string());
     let mut batch = WriteBatch::default();
     for subject in touched {
@@ -805,7 +807,11 @@ fn redo_after_head(
     }
     batch.put_head(to, to_hash);
     store.commit(batch)?;
-    tracing::warn!(from, to, "completed the writes of a commit cut short by a crash");
+    if from == 1 {
+        tracing::info!(records = to, "derived the indexes from the log (a restored or copied log)");
+    } else {
+        tracing::warn!(from, to, "completed the writes of a commit cut short by a crash");
+    }
     Ok(())
 }
 

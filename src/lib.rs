@@ -16,11 +16,13 @@
 //! - [`projection`]: view definitions from `projections/`, checked against the schemas; applying them (pure).
 //! - [`writer`]: the single writer thread and group commit.
 //! - [`ledger`]: everything above joined: open, append, read, walk the log.
+//! - [`restore`]: a data directory from a backup, erasures from newer sources re-applied.
 //! - [`rotate`]: master-key rotation, crash-safe step by step (completes erasure).
 //! - [`rotator`]: rotation after erasures, coalesced, in the background of `serve`.
 //! - [`verify`]: keyless chain verification.
 //! - [`views`]: view documents sealed at rest, kept current by the writer, rebuilt by replay.
 //! - [`import`]: JSON Lines import in validated batches.
+//! - [`backup`]: backups (log segments, key table, manifest), continuous and one-off; keyless verify.
 //! - [`auth`]: users, Argon2id passwords, TOTP, sessions, lockout.
 //! - [`audit`]: audit entries: written to the log, read back.
 //! - [`export`]: the register extract (GDPR Art. 15/20): JSON, a bilingual HTML page, import lines.
@@ -33,6 +35,7 @@ pub mod api;
 pub mod api_doc;
 pub mod audit;
 pub mod auth;
+pub mod backup;
 pub mod cli;
 pub mod crypto;
 pub mod export;
@@ -44,6 +47,7 @@ pub mod ledger;
 pub mod lookup;
 pub mod projection;
 pub mod record;
+pub mod restore;
 pub mod rotate;
 pub mod rotator;
 pub mod schema;

@@ -219,6 +219,7 @@ pub fn finish(
     b.remove_meta(crate::rotator::META_DUE);
     store.commit(b)?;
     *shared.master.write().expect("not poisoned") = new.clone();
+    shared.key_epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     shared.keys.set_alternate(None);
 
     // Step 6: the old generation goes.

@@ -182,6 +182,63 @@ pub struct ServeOptions {
     pub tls: Tls,
     pub api: ApiConfig,
     pub auth: AuthConfig,
+    /// Continuous backup into this directory, every `backup_interval`.
+    pub backup_dir: Option<std::path::PathBuf>,
+    pub backup_interval: std::time::Duration,
+}
+
+/// The control socket in the data directory: `pdledger backup` talks to a running server
+/// through it. Mode 0600 in a 0700 directory: whoever may use it can read the data anyway.
+pub const CONTROL_SOCKET: &str = "pdledger.sock";
+
+/// Serves one-off backups to local tools: a JSON line `{"command":"backup","dest":PATH}` in,
+/// a JSON line out.
+async fn control(listener: tokio::net::UnixListener, ledger: Arc<Ledger>) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let ledger = ledger.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            let mut r = BufReader::new(r.take(64 * 1024));
+            if r.read_line(&mut line).await.is_err() {
+                return;
+            }
+            #[derive(serde::Deserialize)]
+            struct Req {
+                command: String,
+                dest: std::path::PathBuf,
+            }
+            let reply = match serde_json::from_str::<Req>(&line) {
+                Ok(req) if req.command == "backup" => {
+                    let l = ledger.clone();
+                    let done = tokio::task::spawn_blocking(move || {
+                        let head = l.durable();
+                        let keys = l.key_table(head)?;
+                        let mut w = crate::backup::BackupWriter::open(&req.dest)?;
+                        crate::backup::ship(l.store(), head, &mut w, Some(&keys))?;
+                        Ok::<_, crate::backup::BackupError>(w.manifest().clone())
+                    })
+                    .await;
+                    let outcome = match &done {
+                        Ok(Ok(_)) => crate::audit::Outcome::Ok,
+                        _ => crate::audit::Outcome::Failed,
+                    };
+                    let entry = crate::audit::Entry::new(crate::audit::Action::Backup, None, outcome).into_op("local");
+                    let l = ledger.clone();
+                    let _ = tokio::task::spawn_blocking(move || l.submit(vec![entry])).await;
+                    match done {
+                        Ok(Ok(m)) => serde_json::json!({"ok": true, "manifest": m}),
+                        Ok(Err(e)) => serde_json::json!({"ok": false, "error": e.to_string()}),
+                        Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
+                    }
+                }
+                _ => serde_json::json!({"ok": false, "error": "expected {\"command\":\"backup\",\"dest\":PATH}"}),
+            };
+            let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
+        });
+    }
 }
 
 /// Runs the server until SIGTERM or Ctrl-C. Prints the address, the certificate's
@@ -199,7 +256,28 @@ pub async fn serve(ledger: Ledger, opts: ServeOptions, data: &Path) -> anyhow::R
         let (l, a) = (ledger.clone(), auth.clone());
         tokio::task::spawn_blocking(move || bootstrap_admin(&l, &a)).await??
     };
-    let state = AppState::new(ledger.clone(), auth, opts.api);
+    let mut state = AppState::new(ledger.clone(), auth, opts.api);
+    let mut banner_backup = String::new();
+    if let Some(dir) = &opts.backup_dir {
+        let c = crate::backup::Continuous::spawn(ledger.clone(), dir, opts.backup_interval)
+            .with_context(|| format!("starting continuous backup into {}", dir.display()))?;
+        banner_backup = format!(
+            "Continuous backup: {} (every {} ms; keep the keyring, {}, backed up separately)\n",
+            dir.display(),
+            opts.backup_interval.as_millis(),
+            "replaced at every rotation"
+        );
+        state = state.with_backup(c);
+    }
+    let socket = data.join(CONTROL_SOCKET);
+    let _ = std::fs::remove_file(&socket);
+    let control_listener =
+        tokio::net::UnixListener::bind(&socket).with_context(|| format!("control socket {}", socket.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    }
+    let control_task = tokio::spawn(control(control_listener, ledger.clone()));
     let app = api::router(state).into_make_service_with_connect_info::<api::Peer>();
     let tcp = TcpListener::bind(opts.listen).await.with_context(|| format!("listening on {}", opts.listen))?;
     let local = tcp.local_addr()?;
@@ -212,6 +290,7 @@ pub async fn serve(ledger: Ledger, opts: ServeOptions, data: &Path) -> anyhow::R
     };
     let url = format!("{scheme}://{host}");
     let mut banner = format!("pdledger {} serving {url}\n", env!("CARGO_PKG_VERSION"));
+    banner += &banner_backup;
     let server_tls = match &opts.tls {
         Tls::Plain => None,
         Tls::SelfSigned => {
@@ -244,22 +323,19 @@ pub async fn serve(ledger: Ledger, opts: ServeOptions, data: &Path) -> anyhow::R
         "Log in:\n  curl {curl_tls}-H 'content-type: application/json' -d '{{\"username\":\"admin\",\"password\":\"...\"}}' {url}/v1/auth/login\n\
          Then send the token: -H 'authorization: Bearer pdl_...'. API reference: {url}/openapi.json\n"
     );
+    // The handlers are in place before anyone is told the server is up: a SIGTERM right
+    // after the banner is a graceful stop, never the default kill.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     print!("{banner}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
-    let shutdown = async {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending().await,
-            }
-        };
+    let shutdown = async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term => {},
+            _ = term.recv() => {},
+            _ = int.recv() => {},
         }
         tracing::info!("shutting down: finishing requests in flight");
     };
@@ -268,6 +344,9 @@ pub async fn serve(ledger: Ledger, opts: ServeOptions, data: &Path) -> anyhow::R
         Some((config, _)) => axum::serve(TlsListener::new(tcp, config)?, app).with_graceful_shutdown(shutdown).await?,
     }
     // Requests are done; the writer drains its queue and the store syncs as the ledger drops.
+    control_task.abort();
+    let _ = control_task.await;
+    let _ = std::fs::remove_file(&socket);
     match Arc::try_unwrap(ledger) {
         Ok(l) => l.close()?,
         Err(l) => drop(l),

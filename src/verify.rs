@@ -65,8 +65,21 @@ impl Report {
 }
 
 /// Walks the whole log. `progress` is called now and then with the records checked so far.
-pub fn verify(store: &Store, anchor: Option<Anchor>, mut progress: impl FnMut(u64)) -> Result<Report, StoreError> {
+pub fn verify(store: &Store, anchor: Option<Anchor>, progress: impl FnMut(u64)) -> Result<Report, StoreError> {
     let meta_head = store.head()?;
+    // A record sled cannot read is a break at that place, not a failure of the check.
+    let records = store.records(1).map(|r| r.map(|(p, v)| (p, v.to_vec())).map_err(|e| e.to_string()));
+    Ok(verify_log(records, meta_head, anchor, progress))
+}
+
+/// Checks a log given as (position, stored bytes) in order (from a store or a backup),
+/// against the head its container records (`None`: no head recorded).
+pub fn verify_log(
+    records: impl Iterator<Item = Result<(Position, Vec<u8>), String>>,
+    meta_head: Option<(Position, ChainHash)>,
+    anchor: Option<Anchor>,
+    mut progress: impl FnMut(u64),
+) -> Report {
     let mut prev = ChainHash::GENESIS;
     let mut expected: Position = 1;
     // The last record that closes a commit, and its hash: the head an anchor should name.
@@ -74,9 +87,15 @@ pub fn verify(store: &Store, anchor: Option<Anchor>, mut progress: impl FnMut(u6
     let mut meta_hash_seen = None;
     let mut anchor_seen = false;
     let mut problem: Option<Break> = None;
-    for item in store.records(1) {
-        let (pos, bytes) = item?;
+    for item in records {
         let fail = |reason: String| Some(Break { position: expected, reason });
+        let (pos, bytes) = match item {
+            Ok(v) => v,
+            Err(e) => {
+                problem = fail(format!("cannot be read: {e}"));
+                break;
+            }
+        };
         if pos != expected {
             problem = fail(format!("record {expected} is missing (the next stored is {pos})"));
             break;
@@ -127,11 +146,11 @@ pub fn verify(store: &Store, anchor: Option<Anchor>, mut progress: impl FnMut(u6
             Some((meta_pos, _)) if meta_pos > last => {
                 problem = Some(Break {
                     position: last + 1,
-                    reason: format!("the store's head says {meta_pos}, the log ends at {last}: the tail was cut"),
+                    reason: format!("the recorded head says {meta_pos}, the log ends at {last}: the tail was cut"),
                 });
             }
             Some((meta_pos, meta_hash)) if meta_pos > 0 && meta_hash_seen != Some(meta_hash) => {
-                problem = Some(Break { position: meta_pos, reason: "differs from the store's head".into() });
+                problem = Some(Break { position: meta_pos, reason: "differs from the recorded head".into() });
             }
             None if last > 0 => {
                 problem = Some(Break { position: 1, reason: "the store has records but no head".into() });
@@ -157,7 +176,7 @@ pub fn verify(store: &Store, anchor: Option<Anchor>, mut progress: impl FnMut(u6
     // Records after the last commit mark belong to a commit a crash cut short: never
     // acknowledged, chained correctly, removed when the ledger next opens.
     let (head_pos, head_hash) = if ok { committed } else { (last, prev) };
-    Ok(Report {
+    Report {
         ok,
         events: match &problem {
             Some(b) => b.position - 1,
@@ -167,5 +186,5 @@ pub fn verify(store: &Store, anchor: Option<Anchor>, mut progress: impl FnMut(u6
         head: HeadOut { position: head_pos, hash: head_hash.to_hex() },
         first_bad_position: problem.as_ref().map(|b| b.position),
         reason: problem.map(|b| b.reason),
-    })
+    }
 }

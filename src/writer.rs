@@ -140,6 +140,9 @@ pub struct Shared {
     in_flight: std::sync::atomic::AtomicUsize,
     /// Held by the sequencer for each group and by a key rotation for its whole run.
     pub rotation: std::sync::Mutex<()>,
+    /// Moves whenever the wrapped-key table changes (new keys, erasure, rotation): backups
+    /// copy the table again when it moved.
+    pub key_epoch: AtomicU64,
 }
 
 impl Shared {
@@ -156,6 +159,7 @@ impl Shared {
             commits: AtomicU64::new(0),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             rotation: std::sync::Mutex::new(()),
+            key_epoch: AtomicU64::new(0),
         }
     }
 
@@ -526,6 +530,9 @@ impl Writer {
                 self.versions.clear();
             }
             self.versions.insert(s, v);
+        }
+        if !g.new_keys.is_empty() || !g.erasures.is_empty() {
+            self.shared.key_epoch.fetch_add(1, Ordering::AcqRel);
         }
         for (subject, category, _, key) in g.new_keys {
             if !g.erasures.iter().any(|(s, _)| *s == subject) {
