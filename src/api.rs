@@ -162,6 +162,8 @@ pub struct AppState {
     pub rotation: Arc<crate::rotator::Rotator>,
     /// Continuous backup, when `serve --backup-dir` runs one.
     pub backup: Option<Arc<Mutex<crate::backup::Continuous>>>,
+    /// Retention rules: what an erasure keeps, and for how long.
+    pub retention: Arc<crate::retention::Rules>,
     limiter: Arc<tokio::sync::Semaphore>,
 }
 
@@ -170,7 +172,16 @@ impl AppState {
         let limiter = Arc::new(tokio::sync::Semaphore::new(config.concurrency_max));
         let rotation =
             Arc::new(crate::rotator::Rotator::spawn(ledger.clone(), Duration::from_millis(config.rotate_delay_ms)));
-        AppState { ledger, auth, config: Arc::new(config), metrics: Arc::default(), rotation, backup: None, limiter }
+        AppState {
+            ledger,
+            auth,
+            config: Arc::new(config),
+            metrics: Arc::default(),
+            rotation,
+            backup: None,
+            retention: Arc::new(crate::retention::Rules::builtin()),
+            limiter,
+        }
     }
 
     /// Reports this continuous backup in `/healthz` and `/metrics`.
@@ -1180,8 +1191,14 @@ async fn subject_gate(
 ) -> Result<(), ApiError> {
     let refuse = |outcome: Outcome| entry(ctx, action, Some(subject), outcome);
     if let Some(e) = state.ledger.erasure(subject)? {
-        write_audit(state, &caller.username, vec![refuse(Outcome::Failed)]).await?;
-        return Err(ApiError::erased(e.erased_at_ms));
+        // Categories kept by a legal obligation stay readable to the dpo alone (Art. 17(3)(b)
+        // with Art. 18), audited like any read.
+        let held = e.retained.iter().any(|h| !h.shredded);
+        if !(held && caller.role == Role::Dpo) {
+            write_audit(state, &caller.username, vec![refuse(Outcome::Failed)]).await?;
+            return Err(ApiError::erased(e.erased_at_ms));
+        }
+        return Ok(());
     }
     if !state.ledger.subject_exists(subject)? {
         write_audit(state, &caller.username, vec![refuse(Outcome::Failed)]).await?;
@@ -1237,8 +1254,18 @@ struct EraseBody {
     reason: String,
 }
 
-/// The erasure receipt, the same for every call once the subject is erased.
-fn receipt(e: &crate::ledger::Erasure) -> Value {
+/// The erasure receipt, the same for every call once the subject is erased (but for the
+/// state of the rotation and of retained categories).
+fn receipt(e: &crate::ledger::Erasure, rules: &crate::retention::Rules) -> Value {
+    let retained: Vec<Value> = e
+        .retained
+        .iter()
+        .map(|h| {
+            let rule = crate::schema::Category::ALL.into_iter().find(|c| c.name() == h.category).map(|c| rules.get(c));
+            json!({"category": h.category, "until": h.until, "shredded": h.shredded,
+                   "basis": rule.map(|r| r.basis.clone()), "legal_reference": rule.map(|r| r.legal_reference.clone())})
+        })
+        .collect();
     json!({
         "subject": e.subject,
         "erased_at": e.erased_at,
@@ -1247,6 +1274,7 @@ fn receipt(e: &crate::ledger::Erasure) -> Value {
             "subject": e.subject, "erased_at": e.erased_at, "position": e.position, "hash": e.hash,
             "actor": e.actor, "reason": e.reason,
             "key_generation": e.key_generation,
+            "retained": retained,
             "rotation": if e.complete { "complete" } else { "pending" },
             "note": if e.complete {
                 "the master-key generation that wrapped the subject's keys is destroyed: no copy of them (old files, backups) can be opened"
@@ -1274,11 +1302,17 @@ async fn erase(
     }
     if let Some(e) = state.ledger.erasure(subject)? {
         write_audit(&state, &caller.username, vec![entry(&ctx, Action::Erase, Some(subject), Outcome::Ok)]).await?;
-        return Ok(axum::Json(receipt(&e)).into_response());
+        return Ok(axum::Json(receipt(&e, &state.retention)).into_response());
     }
+    // What the retention rules keep (reads the subject's retained categories).
+    let (ledger, rules) = (state.ledger.clone(), state.retention.clone());
+    let retain =
+        tokio::task::spawn_blocking(move || crate::retention::plan(&ledger, &rules, subject, crate::time::now_ms()))
+            .await
+            .map_err(ApiError::internal)??;
     // The erasure and its audit entry are one commit.
     let ops = vec![
-        Op::Erase { subject, reason: reason.to_owned(), actor: caller.username.clone() },
+        Op::Erase { subject, reason: reason.to_owned(), actor: caller.username.clone(), retain },
         entry(&ctx, Action::Erase, Some(subject), Outcome::Ok).into_op(&caller.username),
     ];
     match submit(&state, ops).await {
@@ -1293,7 +1327,7 @@ async fn erase(
     }
     state.rotation.request();
     let e = state.ledger.erasure(subject)?.ok_or_else(|| ApiError::internal("erasure not found after commit"))?;
-    Ok(axum::Json(receipt(&e)).into_response())
+    Ok(axum::Json(receipt(&e, &state.retention)).into_response())
 }
 
 async fn restrict_or_lift(

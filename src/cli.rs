@@ -50,6 +50,19 @@ pub struct KeyArgs {
     /// projections/README.md). A changed definition rebuilds the views at start.
     #[arg(long, env = "PDLEDGER_PROJECTIONS")]
     pub projections: Option<PathBuf>,
+    /// A retention rules file to use instead of the one compiled in
+    /// (schemas/retention/rules.json).
+    #[arg(long, env = "PDLEDGER_RETENTION")]
+    pub retention: Option<PathBuf>,
+}
+
+impl KeyArgs {
+    fn rules(&self) -> anyhow::Result<crate::retention::Rules> {
+        Ok(match &self.retention {
+            Some(p) => crate::retention::Rules::load(p)?,
+            None => crate::retention::Rules::builtin(),
+        })
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -229,6 +242,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Retention: shred the categories whose retention ended, or report inactive subjects.
+    Retention {
+        #[command(subcommand)]
+        command: RetentionCommand,
+    },
     /// Master-key management.
     Keys {
         #[command(subcommand)]
@@ -249,6 +267,37 @@ enum Command {
         subjects: u64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RetentionCommand {
+    /// Shred every retained category whose time is up (what `serve` does every hour), then
+    /// rotate the master key. Idempotent: safe from cron.
+    Run {
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
+        keys: KeyArgs,
+        /// Act as if it were this time (YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ): for drills and tests.
+        #[arg(long, value_parser = parse_time)]
+        now: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Subjects with no activity for longer than their categories' `inactive_after`.
+    Report {
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
+        keys: KeyArgs,
+        #[arg(long, value_parser = parse_time)]
+        now: Option<u64>,
+        /// Erase them, by the same rules as an erasure request (retained categories are held).
+        #[arg(long)]
+        erase: bool,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -323,6 +372,9 @@ pub struct ServeLimits {
     /// the meantime share that rotation.
     #[arg(long, default_value_t = 2000)]
     rotate_delay_ms: u64,
+    /// Seconds between retention runs (shredding retained categories whose time is up).
+    #[arg(long, default_value_t = 3600)]
+    retention_check_secs: u64,
 }
 
 pub enum Outcome {
@@ -712,8 +764,14 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Export { subject, format, output, data, keys } => {
             let ledger = open(&data, &keys, "pdledger export")?;
             if let Some(e) = ledger.erasure(subject)? {
-                eprintln!("subject {subject} was erased at {}: nothing is held", e.erased_at);
-                return Ok(Outcome::Failed);
+                if e.retained.iter().all(|h| h.shredded) {
+                    eprintln!("subject {subject} was erased at {}: nothing is held", e.erased_at);
+                    return Ok(Outcome::Failed);
+                }
+                eprintln!(
+                    "subject {subject} was erased at {}; the extract holds what the retention rules keep",
+                    e.erased_at
+                );
             }
             if !ledger.subject_exists(subject)? {
                 eprintln!("no subject {subject}");
@@ -751,12 +809,14 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             if reason.is_empty() || reason.chars().count() > 200 || reason.chars().any(char::is_control) {
                 bail!("--reason must be 1..=200 characters without control characters (it is kept in clear: no personal data)");
             }
+            let rules = keys.rules()?;
             let ledger = open(&data, &keys, "pdledger erase")?;
             if ledger.erasure(subject)?.is_none() {
+                let retain = crate::retention::plan(&ledger, &rules, subject, crate::time::now_ms())?;
                 let entry =
                     crate::audit::Entry::new(crate::audit::Action::Erase, Some(subject), crate::audit::Outcome::Ok);
                 match ledger.submit(vec![
-                    crate::writer::Op::Erase { subject, reason, actor: actor.clone() },
+                    crate::writer::Op::Erase { subject, reason, actor: actor.clone(), retain },
                     entry.into_op(&actor),
                 ]) {
                     Ok(_) => {}
@@ -780,6 +840,80 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 e = ledger.erasure(subject)?.context("the erasure is not in the log")?;
             }
             writeln!(out, "{}", serde_json::to_string_pretty(&e)?)?;
+            ledger.close()?;
+            Ok(Outcome::Passed)
+        }
+        Command::Retention { command: RetentionCommand::Run { data, keys, now, json } } => {
+            let rules = keys.rules()?;
+            let ledger = open(&data, &keys, "pdledger retention run")?;
+            let now = now.unwrap_or_else(crate::time::now_ms);
+            let done = crate::retention::run(&ledger, &rules, now, "retention").map_err(anyhow::Error::msg)?;
+            if !done.is_empty() {
+                ledger.rotate()?;
+            }
+            for d in &done {
+                if json {
+                    writeln!(out, "{}", serde_json::to_string(d)?)?;
+                } else {
+                    writeln!(
+                        out,
+                        "shredded {} of {} (held until {}; {})",
+                        d.category, d.subject, d.held_until, d.legal_reference
+                    )?;
+                }
+            }
+            if !json {
+                writeln!(out, "{} categories shredded as of {}", done.len(), crate::time::rfc3339(now))?;
+            }
+            ledger.close()?;
+            Ok(Outcome::Passed)
+        }
+        Command::Retention { command: RetentionCommand::Report { data, keys, now, erase, json } } => {
+            let rules = keys.rules()?;
+            let ledger = open(&data, &keys, "pdledger retention report")?;
+            let now = now.unwrap_or_else(crate::time::now_ms);
+            let inactive = crate::retention::report(&ledger, &rules, now)?;
+            for i in &inactive {
+                if erase {
+                    let entry = crate::audit::Entry::new(
+                        crate::audit::Action::Erase,
+                        Some(i.subject),
+                        crate::audit::Outcome::Ok,
+                    );
+                    crate::retention::erase(
+                        &ledger,
+                        &rules,
+                        i.subject,
+                        "retention: inactive",
+                        "retention",
+                        now,
+                        vec![entry.into_op("retention")],
+                    )??;
+                }
+                if json {
+                    writeln!(
+                        out,
+                        "{}",
+                        serde_json::to_string(
+                            &serde_json::json!({"subject": i.subject, "last_activity": i.last_activity, "erased": erase})
+                        )?
+                    )?;
+                } else {
+                    writeln!(
+                        out,
+                        "{}  last activity {}{}",
+                        i.subject,
+                        i.last_activity,
+                        if erase { "  erased" } else { "" }
+                    )?;
+                }
+            }
+            if erase && !inactive.is_empty() {
+                ledger.rotate()?;
+            }
+            if !json {
+                writeln!(out, "{} inactive subjects as of {}", inactive.len(), crate::time::rfc3339(now))?;
+            }
             ledger.close()?;
             Ok(Outcome::Passed)
         }
@@ -857,6 +991,8 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             backup_interval_ms,
             limits: l,
         } => {
+            // Every configuration file is checked before anything is opened.
+            let rules = keys.rules()?;
             let limits = Limits {
                 event_bytes_max: l.event_bytes_max,
                 events_per_append_max: l.events_per_request_max,
@@ -883,6 +1019,8 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
                     rotate_delay_ms: l.rotate_delay_ms,
                     ..Default::default()
                 },
+                retention: rules,
+                retention_check: std::time::Duration::from_secs(l.retention_check_secs.max(1)),
                 auth: crate::auth::AuthConfig {
                     session_secs: l.session_secs,
                     failures_per_account: l.login_failures_max,

@@ -182,6 +182,16 @@ pub struct Erasure {
     pub key_generation: u32,
     /// True once that generation has been destroyed by a rotation.
     pub complete: bool,
+    /// Categories kept by a retention rule, until when, and whether they have been shredded
+    /// since.
+    pub retained: Vec<Retained>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Retained {
+    pub category: String,
+    pub until: String,
+    pub shredded: bool,
 }
 
 /// What a record's payload is, once we tried to open it.
@@ -345,6 +355,21 @@ impl Ledger {
             reason: v.get("reason").and_then(Value::as_str).unwrap_or("").to_owned(),
             key_generation,
             complete: self.shared.master().generation() > key_generation,
+            retained: {
+                let holds: Vec<writer::Hold> =
+                    v.get("retained").and_then(|r| serde_json::from_value(r.clone()).ok()).unwrap_or_default();
+                let current = self.shared.store.holds_of(subject)?;
+                holds
+                    .iter()
+                    .map(|h| Retained {
+                        category: crate::schema::Category::from_u8(h.category)
+                            .map(|c| c.name().to_owned())
+                            .unwrap_or_else(|| h.category.to_string()),
+                        until: crate::time::rfc3339(h.until_ms),
+                        shredded: !current.iter().any(|(c, _)| *c == h.category),
+                    })
+                    .collect()
+            },
         }))
     }
 
@@ -719,7 +744,8 @@ fn redo_after_head(
     let index_key = master.index_key();
     let mut batch = WriteBatch::default();
     let mut touched: Vec<Uuid> = vec![];
-    let mut erased: Vec<(Uuid, Position)> = vec![];
+    let mut erased: Vec<(Uuid, Position, Option<Vec<writer::Hold>>)> = vec![];
+    let mut shredded: Vec<(Uuid, u8)> = vec![];
     let mut created = std::collections::HashSet::new();
     for pos in from..=to {
         if batch.len() >= 50_000 {
@@ -753,7 +779,16 @@ fn redo_after_head(
                     let action = v.get("action").and_then(Value::as_str).unwrap_or("");
                     batch.put_audit(pos, Some(h.subject).filter(|s| !s.is_nil()), &h.actor, action);
                 }
-                writer::ERASED => erased.push((h.subject, pos)),
+                writer::ERASED => {
+                    let retain: Vec<writer::Hold> =
+                        v.get("retained").and_then(|r| serde_json::from_value(r.clone()).ok()).unwrap_or_default();
+                    erased.push((h.subject, pos, Some(retain)));
+                }
+                writer::SHREDDED => {
+                    if let Some(c) = v.get("category").and_then(Value::as_u64) {
+                        shredded.push((h.subject, c as u8));
+                    }
+                }
                 writer::RESTRICTED => batch.put_restricted(h.subject, Some(pos)),
                 writer::UNRESTRICTED => batch.put_restricted(h.subject, None),
                 _ => {}
@@ -762,12 +797,13 @@ fn redo_after_head(
     }
     store.apply(batch)?;
     let mut batch = WriteBatch::default();
-    for (subject, pos) in &erased {
+    for (subject, pos, retain) in &erased {
         let (subject, pos) = (subject, *pos);
-        writer::erase_side_effects(store, projections, *subject, pos, vec![], &mut batch)?;
+        let retain = retain.clone().unwrap_or_default();
+        writer::erase_side_effects(store, projections, *subject, pos, &retain, vec![], &mut batch)?;
         shared.keys.forget(Some(*subject));
     }
-    store.apply(batch)?;
+    store.apply(std::mem::take(&mut batch))?;
     // The touched subjects' documents, rebuilt from their whole streams, unless the views
     // lag anyway (then catching up rebuilds them).
     let views_at = store.meta(views::META_AT)?.and_then(|v| v[..].try_into().ok().map(u64::from_be_bytes));
@@ -776,7 +812,12 @@ fn redo_after_head(
     }
     touched.sort_unstable();
     touched.dedup();
-    touched.retain(|s| !erased.iter().any(|(e, _)| e == s));
+    for (subject, category) in &shredded {
+        writer::shred_side_effects(projections, *subject, *category, &mut batch);
+        shared.keys.forget(Some(*subject));
+    }
+    store.apply(std::mem::take(&mut batch))?;
+    touched.retain(|s| !erased.iter().any(|(e, _, _)| e == s));
     let keys = |s: Uuid, c: u8| shared.keys.get(store, &master, s, c).map_err(|e| e.to_string());
     let mut batch = WriteBatch::default();
     for subject in touched {

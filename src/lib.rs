@@ -17,6 +17,7 @@
 //! - [`writer`]: the single writer thread and group commit.
 //! - [`ledger`]: everything above joined: open, append, read, walk the log.
 //! - [`restore`]: a data directory from a backup, erasures from newer sources re-applied.
+//! - [`retention`]: retention rules per category; holds after erasure, scheduled shredding.
 //! - [`rotate`]: master-key rotation, crash-safe step by step (completes erasure).
 //! - [`rotator`]: rotation after erasures, coalesced, in the background of `serve`.
 //! - [`verify`]: keyless chain verification.
@@ -48,6 +49,7 @@ pub mod lookup;
 pub mod projection;
 pub mod record;
 pub mod restore;
+pub mod retention;
 pub mod rotate;
 pub mod rotator;
 pub mod schema;

@@ -70,6 +70,14 @@ pub struct Summary {
 struct Erased {
     source: String,
     reason: String,
+    /// Categories kept by a retention rule (and not shredded since in that source).
+    retain: Vec<crate::writer::Hold>,
+}
+
+impl Erased {
+    fn keeps(&self, category: u8) -> bool {
+        self.retain.iter().any(|h| h.category == category)
+    }
 }
 
 /// Erasures in a log (keyless: they are ledger events in clear).
@@ -84,10 +92,16 @@ fn erasures_in(
             continue;
         }
         let rec = record::decode(&bytes).map_err(|e| RestoreError::Refused(format!("{source}: record {pos}: {e}")))?;
+        let v: Value = serde_json::from_slice(&rec.payload).unwrap_or(Value::Null);
         if rec.header.event_type == crate::writer::ERASED {
-            let v: Value = serde_json::from_slice(&rec.payload).unwrap_or(Value::Null);
             let reason = v.get("reason").and_then(Value::as_str).unwrap_or("").to_owned();
-            out.entry(rec.header.subject).or_insert(Erased { source: source.to_owned(), reason });
+            let retain = v.get("retained").and_then(|r| serde_json::from_value(r.clone()).ok()).unwrap_or_default();
+            out.entry(rec.header.subject).or_insert(Erased { source: source.to_owned(), reason, retain });
+        }
+        if rec.header.event_type == crate::writer::SHREDDED {
+            if let (Some(e), Some(c)) = (out.get_mut(&rec.header.subject), v.get("category").and_then(Value::as_u64)) {
+                e.retain.retain(|h| h.category != c as u8);
+            }
         }
     }
     Ok(())
@@ -221,7 +235,8 @@ pub fn restore(opts: Options, mut progress: impl FnMut(&str)) -> Result<Summary,
         }
         for (subject, category, wrapped) in &table.keys {
             // An erased subject's keys never reach the new store.
-            if erased.contains_key(subject) || erased_before.contains_key(subject) {
+            let gone = |m: &BTreeMap<Uuid, Erased>| m.get(subject).is_some_and(|e| !e.keeps(*category));
+            if gone(&erased) || gone(&erased_before) {
                 continue;
             }
             batch.put_wrapped_key(*subject, *category, &backup::unhex(wrapped).unwrap_or_default());
@@ -237,7 +252,12 @@ pub fn restore(opts: Options, mut progress: impl FnMut(&str)) -> Result<Summary,
             let reason = format!("re-applied at restore: erased in {} ({})", e.source, e.reason);
             let reason: String = reason.chars().take(200).collect();
             ledger
-                .submit(vec![crate::writer::Op::Erase { subject: *subject, reason, actor: "restore".into() }])
+                .submit(vec![crate::writer::Op::Erase {
+                    subject: *subject,
+                    reason,
+                    actor: "restore".into(),
+                    retain: e.retain.clone(),
+                }])
                 .map_err(|e| RestoreError::Refused(format!("re-applying an erasure: {e}")))?;
             reapplied.push(*subject);
         }

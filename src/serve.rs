@@ -185,6 +185,31 @@ pub struct ServeOptions {
     /// Continuous backup into this directory, every `backup_interval`.
     pub backup_dir: Option<std::path::PathBuf>,
     pub backup_interval: std::time::Duration,
+    pub retention: crate::retention::Rules,
+    /// Time between retention runs.
+    pub retention_check: std::time::Duration,
+}
+
+/// Runs the retention rules now and then: shreds expired holds, then asks for a rotation.
+async fn retention_loop(state: AppState, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let (ledger, rules) = (state.ledger.clone(), state.retention.clone());
+        let done = tokio::task::spawn_blocking(move || {
+            crate::retention::run(&ledger, &rules, crate::time::now_ms(), "retention")
+        })
+        .await;
+        match done {
+            Ok(Ok(d)) if !d.is_empty() => {
+                tracing::info!(shredded = d.len(), "retention run shredded expired categories");
+                state.rotation.request();
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "retention run failed; retrying at the next check"),
+            Err(e) => tracing::error!(error = %e, "retention run panicked"),
+        }
+    }
 }
 
 /// The control socket in the data directory: `pdledger backup` talks to a running server
@@ -257,6 +282,7 @@ pub async fn serve(ledger: Ledger, opts: ServeOptions, data: &Path) -> anyhow::R
         tokio::task::spawn_blocking(move || bootstrap_admin(&l, &a)).await??
     };
     let mut state = AppState::new(ledger.clone(), auth, opts.api);
+    state.retention = Arc::new(opts.retention);
     let mut banner_backup = String::new();
     if let Some(dir) = &opts.backup_dir {
         let c = crate::backup::Continuous::spawn(ledger.clone(), dir, opts.backup_interval)
@@ -278,6 +304,7 @@ pub async fn serve(ledger: Ledger, opts: ServeOptions, data: &Path) -> anyhow::R
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
     }
     let control_task = tokio::spawn(control(control_listener, ledger.clone()));
+    let retention_task = tokio::spawn(retention_loop(state.clone(), opts.retention_check));
     let app = api::router(state).into_make_service_with_connect_info::<api::Peer>();
     let tcp = TcpListener::bind(opts.listen).await.with_context(|| format!("listening on {}", opts.listen))?;
     let local = tcp.local_addr()?;
@@ -345,7 +372,9 @@ pub async fn serve(ledger: Ledger, opts: ServeOptions, data: &Path) -> anyhow::R
     }
     // Requests are done; the writer drains its queue and the store syncs as the ledger drops.
     control_task.abort();
+    retention_task.abort();
     let _ = control_task.await;
+    let _ = retention_task.await;
     let _ = std::fs::remove_file(&socket);
     match Arc::try_unwrap(ledger) {
         Ok(l) => l.close()?,

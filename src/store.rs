@@ -42,6 +42,8 @@ const P_AUDIT: u8 = b'A';
 const P_VIEW: u8 = b'V';
 const P_ERASED: u8 = b'E';
 const P_RESTRICTED: u8 = b'R';
+/// Retention holds: subject ‖ category → until (ms), for categories kept after an erasure.
+const P_HOLD: u8 = b'H';
 
 pub const LOCK_FILE: &str = "pdledger.lock";
 const STORE_DIR: &str = "store";
@@ -179,6 +181,17 @@ impl WriteBatch {
     /// Wrapped keys are removed only by erasure (and replaced by rotation).
     pub fn remove_wrapped_key(&mut self, subject: Uuid, category: u8) {
         self.ops.push((wrapped_key_key(subject, category), None));
+    }
+    /// A retained category of an erased subject, to be shredded at `until_ms`.
+    pub fn put_hold(&mut self, subject: Uuid, category: u8, until_ms: u64) {
+        let mut k = subject_key(P_HOLD, subject);
+        k.push(category);
+        self.put(k, &until_ms.to_be_bytes());
+    }
+    pub fn remove_hold(&mut self, subject: Uuid, category: u8) {
+        let mut k = subject_key(P_HOLD, subject);
+        k.push(category);
+        self.ops.push((k, None));
     }
     /// Art. 18 restriction, from the record at `position`; `None` lifts it.
     pub fn put_restricted(&mut self, subject: Uuid, position: Option<Position>) {
@@ -683,6 +696,26 @@ impl Store {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// Every retention hold: (subject, category, until ms).
+    pub fn holds(&self) -> impl Iterator<Item = Result<(Uuid, u8, u64), StoreError>> + '_ {
+        self.tree.scan_prefix([P_HOLD]).map(|kv| {
+            let (k, v) = kv?;
+            let bad = || StoreError::Meta("hold");
+            let subject = Uuid::from_slice(k.get(1..17).ok_or_else(bad)?).map_err(|_| bad())?;
+            Ok((subject, *k.get(17).ok_or_else(bad)?, be_u64(&v).ok_or_else(bad)?))
+        })
+    }
+
+    /// A subject's retention holds: (category, until ms).
+    pub fn holds_of(&self, subject: Uuid) -> Result<Vec<(u8, u64)>, StoreError> {
+        let mut out = vec![];
+        for kv in self.tree.scan_prefix(subject_key(P_HOLD, subject)) {
+            let (k, v) = kv?;
+            out.push((*k.get(17).ok_or(StoreError::Meta("hold"))?, be_u64(&v).ok_or(StoreError::Meta("hold"))?));
+        }
+        Ok(out)
     }
 
     /// Every subject, in id order.

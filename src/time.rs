@@ -79,6 +79,16 @@ pub fn parse_timestamp(s: &str) -> Option<u64> {
     u64::try_from(ms).ok()
 }
 
+/// Midnight UTC at the start of a calendar date, in ms since the epoch (0 before 1970).
+pub fn date_ms(y: i64, m: u32, d: u32) -> u64 {
+    (days_from_civil(y, m, d).max(0) as u64) * 86_400_000
+}
+
+/// The calendar date (UTC) of a time.
+pub fn ymd(ms: u64) -> (i64, u32, u32) {
+    civil_from_days((ms / 86_400_000) as i64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -53,8 +53,13 @@ pub enum Op {
     /// A ledger event in clear (never personal data): audit entries, erasures, rotations.
     Note { subject: Option<Uuid>, event_type: String, json: Value, actor: String },
     /// Crypto-shreds a subject: the erasure event, then its keys, view documents and index
-    /// entries are removed and its stream is fenced, in the same commit.
-    Erase { subject: Uuid, reason: String, actor: String },
+    /// entries are removed and its stream is fenced, in the same commit. Categories in
+    /// `retain` (a legal obligation to keep them, GDPR Art. 17(3)(b)) keep their key until the
+    /// given time (ms since the epoch), restricted to the dpo; the retention run shreds them.
+    Erase { subject: Uuid, reason: String, actor: String, retain: Vec<Hold> },
+    /// Shreds one category of a subject whose retention expired: its key, its view
+    /// documents and its hold go, with a `category.shredded` event.
+    Shred { subject: Uuid, category: u8, actor: String },
     /// Art. 18: restricts (or lifts the restriction on) a subject's processing.
     Restrict { subject: Uuid, restricted: bool, actor: String },
 }
@@ -63,12 +68,20 @@ pub enum Op {
 pub const ERASED: &str = "subject.erased";
 pub const RESTRICTED: &str = "subject.restricted";
 pub const UNRESTRICTED: &str = "subject.unrestricted";
+pub const SHREDDED: &str = "category.shredded";
+
+/// A category kept after an erasure, until `until_ms`, under the retention rule of `rule`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Hold {
+    pub category: u8,
+    pub until_ms: u64,
+}
 
 impl Op {
     fn len(&self) -> usize {
         match self {
             Op::Append { events, .. } => events.len(),
-            Op::Create { .. } | Op::Note { .. } | Op::Erase { .. } | Op::Restrict { .. } => 1,
+            Op::Create { .. } | Op::Note { .. } | Op::Erase { .. } | Op::Restrict { .. } | Op::Shred { .. } => 1,
         }
     }
 }
@@ -404,6 +417,7 @@ impl Writer {
             projected: vec![],
             audit: vec![],
             erasures: vec![],
+            shreds: vec![],
             restrictions: vec![],
         };
         let mut accepted: Vec<Staged> = vec![];
@@ -471,7 +485,7 @@ impl Writer {
         }
         let pos = self.head + hashes.len() as u64;
         // An erased subject's events of this same group are not projected.
-        g.projected.retain(|p| !g.erasures.iter().any(|(s, _)| *s == p.subject));
+        g.projected.retain(|p| !g.erasures.iter().any(|(s, _, _)| *s == p.subject));
         // The views follow the records they reflect, then their checkpoint, then the head.
         if let Err(e) = self.project(&g.projected, &g.new_keys, &master, now, &mut batch) {
             let msg = format!("updating views: {e}");
@@ -485,7 +499,10 @@ impl Writer {
             let at = if *restricted { Some(pos) } else { None };
             batch.put_restricted(*subject, at);
         }
-        for (subject, at) in &g.erasures {
+        for (subject, category) in &g.shreds {
+            shred_side_effects(self.projector.projections(), *subject, *category, &mut batch);
+        }
+        for (subject, at, retain) in &g.erasures {
             let staged_index: Vec<_> =
                 g.index.iter().filter(|(_, _, s, _, _)| s == subject).map(|(k, b, _, _, _)| (*k, *b)).collect();
             if let Err(e) = erase_side_effects(
@@ -493,6 +510,7 @@ impl Writer {
                 self.projector.projections(),
                 *subject,
                 *at,
+                retain,
                 staged_index,
                 &mut batch,
             ) {
@@ -531,15 +549,18 @@ impl Writer {
             }
             self.versions.insert(s, v);
         }
-        if !g.new_keys.is_empty() || !g.erasures.is_empty() {
+        if !g.new_keys.is_empty() || !g.erasures.is_empty() || !g.shreds.is_empty() {
             self.shared.key_epoch.fetch_add(1, Ordering::AcqRel);
         }
         for (subject, category, _, key) in g.new_keys {
-            if !g.erasures.iter().any(|(s, _)| *s == subject) {
+            if !g.erasures.iter().any(|(s, _, _)| *s == subject) {
                 self.shared.keys.insert(subject, category, key);
             }
         }
-        for (subject, _) in &g.erasures {
+        for (subject, _) in &g.shreds {
+            self.shared.keys.forget(Some(*subject));
+        }
+        for (subject, _, _) in &g.erasures {
             self.shared.keys.forget(Some(*subject));
             self.versions.remove(subject);
         }
@@ -590,7 +611,7 @@ impl Writer {
         let store = &shared.store;
         // The position and time of the subject's erasure, if it was erased.
         let erased = |subject: &Uuid| -> Result<Option<(Position, u64)>, WriteError> {
-            if let Some((_, at)) = g.erasures.iter().find(|(s, _)| s == subject) {
+            if let Some((_, at, _)) = g.erasures.iter().find(|(s, _, _)| s == subject) {
                 return Ok(Some((*at, crate::time::now_ms())));
             }
             let Some(at) = store.erased(*subject).map_err(unavailable)? else { return Ok(None) };
@@ -761,12 +782,23 @@ impl Writer {
                 )?;
                 Ok(c)
             }
-            Op::Erase { subject, reason, actor } => {
-                g.erasures.push((subject, position(g)));
+            Op::Erase { subject, reason, actor, retain } => {
+                g.erasures.push((subject, position(g), retain.clone()));
                 let json = serde_json::json!({
                     "subject": subject, "reason": reason, "key_generation": master.generation(),
+                    "retained": retain,
                 });
                 self.stage(Op::Note { subject: Some(subject), event_type: ERASED.into(), json, actor }, master, g, now)
+            }
+            Op::Shred { subject, category, actor } => {
+                g.shreds.push((subject, category));
+                let json = serde_json::json!({ "subject": subject, "category": category });
+                self.stage(
+                    Op::Note { subject: Some(subject), event_type: SHREDDED.into(), json, actor },
+                    master,
+                    g,
+                    now,
+                )
             }
             Op::Restrict { subject, restricted, actor } => {
                 g.restrictions.push((subject, restricted));
@@ -821,25 +853,46 @@ pub fn erase_side_effects(
     projections: &Projections,
     subject: Uuid,
     at: Position,
+    retain: &[Hold],
     extra_index: Vec<(u8, [u8; 32])>,
     batch: &mut WriteBatch,
 ) -> Result<(), crate::store::StoreError> {
+    let kept = |c: u8| retain.iter().any(|h| h.category == c);
     batch.put_erased(subject, at);
     batch.put_meta(crate::rotator::META_DUE, &at.to_be_bytes());
     for category in store.key_categories(subject)? {
-        batch.remove_wrapped_key(subject, category);
+        if !kept(category) {
+            batch.remove_wrapped_key(subject, category);
+        }
     }
     // Keys created by the same group are put earlier in the batch: remove every category.
     for category in crate::schema::Category::ALL {
-        batch.remove_wrapped_key(subject, category as u8);
+        if !kept(category as u8) {
+            batch.remove_wrapped_key(subject, category as u8);
+        }
+    }
+    for h in retain {
+        batch.put_hold(subject, h.category, h.until_ms);
     }
     for view in projections.views() {
-        batch.remove_view(view.name(), subject);
+        if !kept(view.category() as u8) {
+            batch.remove_view(view.name(), subject);
+        }
     }
     for (kind, blind) in store.index_of(subject)?.into_iter().chain(extra_index) {
         batch.remove_index(kind, &blind, subject);
     }
     Ok(())
+}
+
+/// What shredding one retained category removes: its key, its view documents, its hold.
+pub fn shred_side_effects(projections: &Projections, subject: Uuid, category: u8, batch: &mut WriteBatch) {
+    batch.remove_wrapped_key(subject, category);
+    batch.remove_hold(subject, category);
+    for view in projections.views().iter().filter(|v| v.category() as u8 == category) {
+        batch.remove_view(view.name(), subject);
+    }
+    batch.put_meta(crate::rotator::META_DUE, &[1]);
 }
 
 /// A record sealed but not yet chained.
@@ -873,8 +926,10 @@ struct Group {
     projected: Vec<Projected>,
     /// Audit entries to index: (position, subject, actor, action).
     audit: Vec<(Position, Option<Uuid>, String, String)>,
-    /// Subjects erased by this group, and the position of each erasure event.
-    erasures: Vec<(Uuid, Position)>,
+    /// Subjects erased by this group, the position of each erasure event, what it keeps.
+    erasures: Vec<(Uuid, Position, Vec<Hold>)>,
+    /// Categories shredded by this group.
+    shreds: Vec<(Uuid, u8)>,
     /// Restrictions set (true) or lifted (false) by this group, in order.
     restrictions: Vec<(Uuid, bool)>,
     /// Subjects created by this group, and the position that created each.

@@ -51,8 +51,9 @@ fn restore_drill_brings_back_everyone_but_the_erased() {
             ledger.append(who.parse().unwrap(), None, vec![ev], "t").unwrap();
         }
     }
+    let rules = shred_all_rules(&s);
     for e in ERASED {
-        let out = s.cli(&["erase", e, "--reason", "art17_request"]);
+        let out = s.cli(&["erase", e, "--reason", "art17_request", "--retention", rules.to_str().unwrap()]);
         assert!(out.status.success(), "{}", stderr(&out));
     }
 
@@ -116,7 +117,11 @@ fn a_backup_from_before_an_erasure_cannot_bring_the_customer_back() {
     import_sample(&s);
     let bk = s.root.path().join("backup");
     assert!(s.cli(&["backup", bk.to_str().unwrap()]).status.success());
-    assert!(s.cli(&["erase", ERASED[0], "--reason", "art17_request"]).status.success());
+    let rules = shred_all_rules(&s);
+    assert!(s
+        .cli(&["erase", ERASED[0], "--reason", "art17_request", "--retention", rules.to_str().unwrap()])
+        .status
+        .success());
 
     let target = s.root.path().join("restored");
     let out = s.cli(&["restore", bk.to_str().unwrap(), "--data", target.to_str().unwrap()]);

@@ -128,8 +128,9 @@ fn after_erasure_and_rotation_nothing_remaining_reads_the_customer() {
     // The simplest backup: a copy of the data directory before the erasure.
     let backup = s.root.path().join("backup");
     copy_dir(&s.data(), &backup);
+    let rules = shred_all_rules(&s);
 
-    let out = s.cli(&["erase", COMPANY, "--reason", "art17_request"]);
+    let out = s.cli(&["erase", COMPANY, "--reason", "art17_request", "--retention", rules.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let receipt: Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(receipt["complete"], true, "the CLI rotates at once");
@@ -204,6 +205,7 @@ fn kill_during_erase_and_rotation_leaves_it_done_or_not_started() {
     let template = Scratch::new();
     let out = template.cli(&["import", sample_path().to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
+    let rules = shred_all_rules(&template);
     let subject: Uuid = COMPANY.parse().unwrap();
     let witness: Uuid = "9988337f-adc0-4c2e-8fa9-cffccd012c84".parse().unwrap();
     let (witness_events, subject_events) = {
@@ -216,7 +218,7 @@ fn kill_during_erase_and_rotation_leaves_it_done_or_not_started() {
         let s = Scratch::new();
         copy_dir(&template.data(), &s.data());
         copy_dir(&template.keyring(), &s.keyring());
-        let out = s.cli(&["erase", COMPANY, "--reason", "x"]);
+        let out = s.cli(&["erase", COMPANY, "--reason", "x", "--retention", rules.to_str().unwrap()]);
         assert!(out.status.success(), "{}", stderr(&out));
     }
     let full = t.elapsed();
@@ -227,7 +229,7 @@ fn kill_during_erase_and_rotation_leaves_it_done_or_not_started() {
         copy_dir(&template.data(), &s.data());
         copy_dir(&template.keyring(), &s.keyring());
         let mut child = s
-            .cli_cmd(&["erase", COMPANY, "--reason", "x"])
+            .cli_cmd(&["erase", COMPANY, "--reason", "x", "--retention", rules.to_str().unwrap()])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -259,7 +261,7 @@ fn kill_during_erase_and_rotation_leaves_it_done_or_not_started() {
         let out = s.cli(&["verify"]);
         assert!(out.status.success(), "{}", stdout(&out));
         // A second erase (the operator retrying) completes it either way.
-        let out = s.cli(&["erase", COMPANY, "--reason", "x"]);
+        let out = s.cli(&["erase", COMPANY, "--reason", "x", "--retention", rules.to_str().unwrap()]);
         assert!(out.status.success(), "{}", stderr(&out));
         assert_eq!(Keyring::Dir(s.keyring()).generations().unwrap().len(), 1);
     }

@@ -16,5 +16,6 @@ mod durability;
 mod erasure;
 mod export;
 mod http;
+mod retention;
 mod server;
 mod views;

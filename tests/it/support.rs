@@ -173,3 +173,14 @@ pub fn seed() -> u64 {
     eprintln!("PDLEDGER_TEST_SEED={s}");
     s
 }
+
+/// Retention rules under which an erasure shreds every category at once (a controller with
+/// no obligation to keep invoices): for the tests of complete crypto-shredding.
+pub fn shred_all_rules(s: &Scratch) -> PathBuf {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/retention/rules.json")).unwrap();
+    let text = text
+        .replace("\"on_erasure\": \"retain\"", "\"on_erasure\": \"shred\"")
+        .replace("\"retain_until_end_of_year_after\": 7,", "");
+    s.write("shred-all.json", &text)
+}

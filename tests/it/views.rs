@@ -144,7 +144,7 @@ proptest! {
             for (who, kind, n) in &ops {
                 let subject = subjects[*who as usize];
                 if *kind == 6 {
-                    let _ = ledger.submit(vec![pdledger::writer::Op::Erase { subject, reason: "test".into(), actor: "t".into() }]);
+                    let _ = ledger.submit(vec![pdledger::writer::Op::Erase { subject, reason: "test".into(), actor: "t".into(), retain: vec![] }]);
                     continue;
                 }
                 let (t, data) = event(*kind, *n);
