@@ -1230,11 +1230,13 @@ async fn export(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("text/html") && !a.contains("application/json"));
     let extract = loop {
-        let ledger = state.ledger.clone();
-        let x = tokio::task::spawn_blocking(move || crate::export::extract(&ledger, subject, crate::time::now_ms()))
-            .await
-            .map_err(ApiError::internal)?
-            .map_err(ApiError::internal)?;
+        let (ledger, rules) = (state.ledger.clone(), state.retention.clone());
+        let x = tokio::task::spawn_blocking(move || {
+            crate::export::extract_with_rules(&ledger, &rules, subject, crate::time::now_ms())
+        })
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
         match x.pending() {
             Some(p) => state.ledger.wait_durable(p).await?,
             None => break x,

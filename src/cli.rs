@@ -777,7 +777,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 eprintln!("no subject {subject}");
                 return Ok(Outcome::Failed);
             }
-            let x = crate::export::extract(&ledger, subject, crate::time::now_ms())?;
+            let x = crate::export::extract_with_rules(&ledger, &keys.rules()?, subject, crate::time::now_ms())?;
             let text = match format.as_str() {
                 "html" => crate::export::to_html(&x, ledger.schemas()),
                 "import" => crate::export::events_for_import(&x).map(|v| v.to_string() + "\n").collect(),

@@ -75,6 +75,25 @@ pub struct Extract {
     pub access_history_truncated: bool,
     /// Labels of the event types in `events` and of their fields, by event type.
     pub labels: BTreeMap<String, TypeLabels>,
+    /// When the subject was erased but a retention rule keeps some categories: what is kept,
+    /// why, and until when (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub erasure: Option<ErasureOut>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ErasureOut {
+    pub erased_at: String,
+    pub retained: Vec<RetainedOut>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RetainedOut {
+    pub category: String,
+    pub until: String,
+    pub shredded: bool,
+    pub basis: Label,
+    pub legal_reference: String,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -207,57 +226,6 @@ impl Extract {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// The controller's declaration per category.
-
-/// What the controller declares, by default, about each data category: its name, how long its
-/// data is kept and who receives it. Phrased as the controller's default declaration; the
-/// retention configuration issue will replace this table with configured values.
-struct Declaration {
-    label: (&'static str, &'static str),
-    retention: (&'static str, &'static str),
-    legal_reference: Option<&'static str>,
-    /// (en, sv)
-    recipients: &'static [(&'static str, &'static str)],
-}
-
-const NONE_OUTSIDE: &[(&str, &str)] = &[("None outside the firm", "Inga mottagare utanför byrån")];
-
-fn declaration(c: Category) -> Declaration {
-    match c {
-        Category::Contact => Declaration {
-            label: ("Contact details, consents and notes", "Kontaktuppgifter, samtycken och anteckningar"),
-            retention: (
-                "Kept for as long as the customer relationship lasts, and until the data is erased.",
-                "Sparas så länge kundförhållandet består och tills uppgifterna raderas.",
-            ),
-            legal_reference: Some("GDPR Art. 5(1)(e), Art. 17"),
-            recipients: NONE_OUTSIDE,
-        },
-        Category::Projects => Declaration {
-            label: ("Projects and drawings", "Projekt och ritningar"),
-            retention: (
-                "Kept for the period agreed with the customer, or otherwise for the limitation period for claims under the assignment (10 years).",
-                "Sparas under den tid som avtalats med kunden, annars under preskriptionstiden för fordringar enligt uppdraget (10 år).",
-            ),
-            legal_reference: Some("Preskriptionslagen (1981:130) 2 §"),
-            recipients: NONE_OUTSIDE,
-        },
-        Category::Billing => Declaration {
-            label: ("Invoices and payments", "Fakturor och betalningar"),
-            retention: (
-                "Kept until the end of the seventh year after the calendar year in which the financial year ended.",
-                "Sparas till och med det sjunde året efter utgången av det kalenderår då räkenskapsåret avslutades.",
-            ),
-            legal_reference: Some("Bokföringslagen (1999:1078) 7 kap. 2 §"),
-            recipients: &[
-                ("Skatteverket (the Swedish Tax Agency), on request", "Skatteverket, på begäran"),
-                ("The firm's auditor", "Byråns revisor"),
-            ],
-        },
-    }
-}
-
 fn label(en: &str, sv: &str) -> Label {
     Label { en: en.to_owned(), sv: sv.to_owned() }
 }
@@ -265,9 +233,20 @@ fn label(en: &str, sv: &str) -> Label {
 // ---------------------------------------------------------------------------------------------
 // Building the extract.
 
-/// The subject's register extract, as of the ledger's durable head. `generated_at_ms` is the
-/// time to state as the extract's (ms since the epoch).
+/// The subject's register extract under the shipped retention rules.
 pub fn extract(ledger: &Ledger, subject: Uuid, generated_at_ms: u64) -> Result<Extract, ExportError> {
+    extract_with_rules(ledger, &crate::retention::Rules::builtin(), subject, generated_at_ms)
+}
+
+/// The subject's register extract, as of the ledger's durable head. `generated_at_ms` is the
+/// time to state as the extract's (ms since the epoch). Each category's name, recipients and
+/// retention come from the retention rules (`schemas/retention/rules.json`).
+pub fn extract_with_rules(
+    ledger: &Ledger,
+    rules: &crate::retention::Rules,
+    subject: Uuid,
+    generated_at_ms: u64,
+) -> Result<Extract, ExportError> {
     let (head, head_hash) = ledger.head()?;
     let stored: Vec<StoredEvent> =
         ledger.read_stream(subject, 0, usize::MAX)?.into_iter().filter(|e| e.position <= head).collect();
@@ -307,7 +286,7 @@ pub fn extract(ledger: &Ledger, subject: Uuid, generated_at_ms: u64) -> Result<E
     let mut categories = vec![];
     let mut labels = BTreeMap::new();
     for (category, types) in &types {
-        let d = declaration(*category);
+        let d = rules.get(*category);
         let mut purposes = vec![];
         for (event_type, versions) in types {
             // What the controller declares now: the current schema's annotation.
@@ -342,14 +321,14 @@ pub fn extract(ledger: &Ledger, subject: Uuid, generated_at_ms: u64) -> Result<E
         }
         categories.push(CategoryInfo {
             category: *category,
-            label: label(d.label.0, d.label.1),
+            label: d.label.clone(),
             purposes,
             retention: Retention {
-                en: d.retention.0.to_owned(),
-                sv: d.retention.1.to_owned(),
-                legal_reference: d.legal_reference.map(str::to_owned),
+                en: d.basis.en.clone(),
+                sv: d.basis.sv.clone(),
+                legal_reference: Some(d.legal_reference.clone()),
             },
-            recipients: d.recipients.iter().map(|(en, sv)| label(en, sv)).collect(),
+            recipients: d.recipients.clone(),
         });
     }
 
@@ -370,6 +349,24 @@ pub fn extract(ledger: &Ledger, subject: Uuid, generated_at_ms: u64) -> Result<E
         access_history,
         access_history_truncated,
         labels,
+        erasure: ledger.erasure(subject)?.map(|e| ErasureOut {
+            erased_at: e.erased_at,
+            retained: e
+                .retained
+                .into_iter()
+                .filter_map(|h| {
+                    let c = Category::ALL.into_iter().find(|c| c.name() == h.category)?;
+                    let r = rules.get(c);
+                    Some(RetainedOut {
+                        category: h.category,
+                        until: h.until,
+                        shredded: h.shredded,
+                        basis: r.basis.clone(),
+                        legal_reference: r.legal_reference.clone(),
+                    })
+                })
+                .collect(),
+        }),
     })
 }
 
@@ -853,7 +850,12 @@ pub fn to_html(extract: &Extract, schemas: &Schemas) -> String {
                 esc(&e.occurred_at),
                 p.type_label(&e.event_type, e.schema_version)
             );
-            let category = declaration(e.category).label;
+            let category = extract
+                .categories
+                .iter()
+                .find(|c| c.category == e.category)
+                .map(|c| (c.label.en.as_str(), c.label.sv.as_str()))
+                .unwrap_or((e.category.name(), e.category.name()));
             let _ = writeln!(
                 h,
                 "<p class=\"meta\">{}: {} · {}: {} · {}: {} · {} {}</p>",
@@ -890,6 +892,27 @@ pub fn to_html(extract: &Extract, schemas: &Schemas) -> String {
         h.push_str("</ol>\n");
     }
     h.push_str("</section>\n");
+
+    // An erasure that kept some categories by law: what, why, until when.
+    if let Some(e) = &extract.erasure {
+        let _ = writeln!(h, "<section>\n<h2>{}</h2>", bi("Radering", "Erasure"));
+        let _ = writeln!(h, "<p>{} {}</p>", bi("Uppgifterna raderades", "The data was erased at"), esc(&e.erased_at));
+        for r in &e.retained {
+            let _ = writeln!(
+                h,
+                "<p>{}: {} — {} {} ({}) {}</p><p>{} <span class=\"en\" lang=\"en\">/ {}</span></p>",
+                bi("Sparas enligt lag", "Kept by law"),
+                esc(&r.category),
+                bi("till", "until"),
+                esc(&r.until),
+                esc(&r.legal_reference),
+                if r.shredded { bi("nu förstörd", "now shredded") } else { String::new() },
+                esc(&r.basis.sv),
+                esc(&r.basis.en)
+            );
+        }
+        h.push_str("</section>\n");
+    }
 
     // Categories, purposes, legal basis, retention, recipients.
     let _ = writeln!(

@@ -89,6 +89,9 @@ pub enum OnErasure {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RuleFile {
+    label: Label,
+    #[serde(default)]
+    recipients: Vec<Label>,
     on_erasure: OnErasure,
     #[serde(default)]
     retain_until_end_of_year_after: Option<u32>,
@@ -108,6 +111,10 @@ struct RulesFile {
 #[derive(Clone, Debug, Serialize)]
 pub struct Rule {
     pub category: Category,
+    /// What the category is called in the register extract.
+    pub label: Label,
+    /// Who receives data of this category (the controller's declaration).
+    pub recipients: Vec<Label>,
     pub on_erasure: OnErasure,
     /// With `retain`: kept until the end of this many years after the calendar year of the
     /// subject's latest event of the category.
@@ -169,6 +176,8 @@ impl Rules {
                 category,
                 Rule {
                     category,
+                    label: r.label,
+                    recipients: r.recipients,
                     on_erasure: r.on_erasure,
                     retain_years: r.retain_until_end_of_year_after,
                     inactive_after,

@@ -61,6 +61,14 @@ async fn invoices_outlive_an_erasure_request_until_the_bookkeeping_period_ends()
     assert_eq!(r.status, 200);
     assert_eq!(r.body["data"]["invoices"][0]["invoice_number"], "20210087900");
 
+    // The dpo's register extract says what was kept, why, and until when.
+    let r = app.call(Method::GET, &format!("/v1/subjects/{subject}/export"), Some(&dpo), None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["erasure"]["retained"][0]["category"], "billing");
+    assert_eq!(r.body["erasure"]["retained"][0]["until"], "2029-01-01T00:00:00.000Z");
+    assert!(r.body["erasure"]["retained"][0]["legal_reference"].as_str().unwrap().contains("7 kap. 2 §"));
+    assert!(r.body["events"].as_array().unwrap().iter().all(|e| e["category"] == "billing"));
+
     // Not before its time.
     let rules = Rules::builtin();
     let run = |at: &str| {
