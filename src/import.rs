@@ -218,3 +218,70 @@ pub fn import(
         Ok(done)
     })
 }
+
+/// Fuzzing the JSON Lines parser (proptest in place of cargo-fuzz): arbitrary bytes and
+/// mutations of the sample register's lines are refused or accepted, never a panic, and an
+/// error message never quotes the input.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        ledger: Ledger,
+        lines: Vec<String>,
+    }
+
+    fn fixture() -> &'static Fixture {
+        static F: OnceLock<Fixture> = OnceLock::new();
+        F.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let opts = crate::ledger::OpenOptions::new(
+                dir.path().join("data"),
+                crate::keyring::Keyring::Dir(dir.path().join("keys")),
+                "fuzz",
+            );
+            let ledger = Ledger::open(opts).unwrap();
+            let text = std::fs::read_to_string(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sample-register.jsonl"),
+            )
+            .unwrap();
+            let lines = text.lines().take(2000).map(str::to_owned).collect();
+            Fixture { _dir: dir, ledger, lines }
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 10_000, ..ProptestConfig::default() })]
+        #[test]
+        fn arbitrary_lines_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+            let f = fixture();
+            let _ = parse_line(&f.ledger, &bytes);
+        }
+
+        #[test]
+        fn mutated_sample_lines_never_panic_nor_leak(pick in any::<usize>(), edits in prop::collection::vec((any::<usize>(), any::<u8>(), 0u8..3), 1..6)) {
+            let f = fixture();
+            let line = &f.lines[pick % f.lines.len()];
+            let mut b = line.as_bytes().to_vec();
+            for (at, byte, how) in edits {
+                let i = at % (b.len() + 1);
+                match how {
+                    0 if i < b.len() => b[i] = byte,
+                    1 => b.insert(i, byte),
+                    _ if i < b.len() => { b.remove(i); }
+                    _ => {}
+                }
+            }
+            if let Err(msg) = parse_line(&f.ledger, &b) {
+                // Personal values (a name, an email) must not come back in the message.
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                if let Some(name) = v["data"]["name"].as_str() {
+                    prop_assert!(!msg.contains(name), "{}", msg);
+                }
+            }
+        }
+    }
+}

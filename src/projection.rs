@@ -1406,3 +1406,44 @@ mod tests {
         assert_eq!(lantz["billing"].to_string(), billing.to_string());
     }
 }
+
+/// Fuzzing the definition parser (proptest in place of cargo-fuzz): arbitrary text and
+/// mutations of the shipped definitions are refused with a file and line, or accepted; never a
+/// panic.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 10_000, ..ProptestConfig::default() })]
+        #[test]
+        fn arbitrary_text_never_panics(text in ".{0,300}") {
+            let schemas = crate::schema::Schemas::builtin();
+            if let Err(e) = parse_view("x.json", "x", &text, &schemas) {
+                prop_assert_eq!(e.file.as_str(), "x.json");
+            }
+        }
+
+        #[test]
+        fn mutated_definitions_never_panic(pick in 0usize..3, edits in prop::collection::vec((any::<usize>(), any::<u8>(), 0u8..3), 1..6)) {
+            let schemas = crate::schema::Schemas::builtin();
+            let (file, text) = BUILTIN[pick % BUILTIN.len()];
+            let mut b = text.as_bytes().to_vec();
+            for (at, byte, how) in edits {
+                let i = at % (b.len() + 1);
+                match how {
+                    0 if i < b.len() => b[i] = byte,
+                    1 => b.insert(i, byte),
+                    _ if i < b.len() => { b.remove(i); }
+                    _ => {}
+                }
+            }
+            let text = String::from_utf8_lossy(&b);
+            let stem = Path::new(file).file_stem().unwrap().to_string_lossy().into_owned();
+            if let Err(e) = parse_view(file, &stem, &text, &schemas) {
+                prop_assert!(e.line <= text.lines().count() + 1, "{}", e);
+            }
+        }
+    }
+}

@@ -16,6 +16,8 @@ mod durability;
 mod erasure;
 mod export;
 mod http;
+mod reliability;
 mod retention;
 mod server;
+mod soak;
 mod views;

@@ -1,0 +1,233 @@
+//! Hostile input and damage: fuzzed API bodies, damaged store and keyring files, TLS
+//! versions and plain HTTP on the TLS port. (Decoders of stored and imported bytes are fuzzed
+//! by unit tests beside them: `record::fuzz`, `import::fuzz`, `projection::fuzz`.)
+
+use std::io::{Read, Write};
+use std::process::Output;
+
+use axum::body::Body;
+use axum::http::{Method, Request};
+use proptest::prelude::*;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::http::App;
+use crate::server::Server;
+use crate::support::*;
+
+fn arb_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+        ".{0,40}".prop_map(Value::from),
+        prop_oneof![
+            Just("note.added"),
+            Just("customer.registered"),
+            Just("events"),
+            Just("type"),
+            Just("data"),
+            Just("username"),
+            Just("password"),
+            Just("reason"),
+        ]
+        .prop_map(Value::from),
+    ];
+    leaf.prop_recursive(4, 48, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            prop::collection::btree_map(
+                prop_oneof![
+                    Just("events".to_owned()),
+                    Just("type".to_owned()),
+                    Just("data".to_owned()),
+                    Just("expected_version".to_owned()),
+                    Just("occurred_at".to_owned()),
+                    Just("username".to_owned()),
+                    Just("password".to_owned()),
+                    Just("role".to_owned()),
+                    Just("reason".to_owned()),
+                    Just("code".to_owned()),
+                    "[a-z_]{1,12}",
+                ],
+                inner,
+                0..6
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// Request bodies: arbitrary JSON shapes and arbitrary bytes, to every route that takes a
+/// body, as the role that may call it. Never a 5xx; every refusal is the one error shape.
+#[test]
+fn fuzzed_request_bodies_never_cause_a_server_error() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let app = App::new();
+    let (staff, dpo, admin) = rt.block_on(async { (app.login("staff").await, app.login("dpo").await, app.login("admin").await) });
+    let subject = Uuid::new_v4();
+    let routes: Vec<(String, Option<String>)> = vec![
+        (format!("/v1/subjects/{subject}/events"), Some(staff)),
+        ("/v1/auth/login".into(), None),
+        ("/v1/auth/totp".into(), None),
+        ("/v1/users".into(), Some(admin)),
+        (format!("/v1/subjects/{subject}/erase"), Some(dpo.clone())),
+        ("/v1/auth/totp/activate".into(), Some(dpo)),
+    ];
+    let body = prop_oneof![
+        arb_json().prop_map(|v| v.to_string().into_bytes()),
+        prop::collection::vec(any::<u8>(), 0..300),
+    ];
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 10_000, ..ProptestConfig::default() });
+    let n = std::sync::atomic::AtomicU64::new(0);
+    runner
+        .run(&(0..routes.len(), body), |(i, bytes)| {
+            let (path, token) = &routes[i];
+            let mut b = Request::builder().method(Method::POST).uri(path.as_str()).header("content-type", "application/json");
+            if let Some(t) = token {
+                b = b.header("authorization", format!("Bearer {t}"));
+            }
+            let r = rt.block_on(app.raw(b.body(Body::from(bytes)).unwrap()));
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            prop_assert!(r.status.as_u16() < 500, "{path}: {} {}", r.status, r.body);
+            if r.status.as_u16() >= 400 {
+                prop_assert!(r.body["error"].is_string() && r.body["message"].is_string(), "{path}: {}", r.body);
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert!(n.into_inner() >= 10_000);
+}
+
+fn exit_ok(o: &Output) -> bool {
+    // 0 ok, 1 a check failed, 2 a clear refusal; never a panic (101) or a signal.
+    matches!(o.status.code(), Some(0..=2)) && !stderr(o).contains("panicked")
+}
+
+/// Truncated, zeroed and bit-flipped store files, and a damaged keyring: every command either
+/// refuses with a clear error or, when it runs, serves nothing but whole data; never a panic.
+#[test]
+fn damaged_files_are_refused_clearly_never_served_partially() {
+    let template = Scratch::new();
+    let lines: Vec<String> = std::fs::read_to_string(sample_path()).unwrap().lines().take(2000).map(str::to_owned).collect();
+    let input = template.write("part.jsonl", &(lines.join("\n") + "\n"));
+    assert!(template.cli(&["import", input.to_str().unwrap()]).status.success());
+    let whole = stdout(&template.cli(&["replay", "--json"]));
+
+    let db = |s: &Scratch| s.data().join("store").join("db");
+    type Damage = (&'static str, fn(&mut Vec<u8>));
+    let damages: Vec<Damage> = vec![
+        ("truncated to half", |b| b.truncate(b.len() / 2)),
+        ("truncated by 100 bytes", |b| b.truncate(b.len().saturating_sub(100))),
+        ("zeroed in the middle", |b| {
+            let (a, n) = (b.len() / 3, (b.len() / 10).max(1));
+            b[a..a + n].fill(0)
+        }),
+        ("bits flipped", |b| {
+            for i in (b.len() / 4..b.len()).step_by(4099) {
+                b[i] ^= 0x5a;
+            }
+        }),
+    ];
+    for (what, damage) in damages {
+        let s = Scratch::new();
+        copy_tree(&template, &s);
+        let mut bytes = std::fs::read(db(&s)).unwrap();
+        damage(&mut bytes);
+        std::fs::write(db(&s), &bytes).unwrap();
+        let verify = s.cli(&["verify", "--json"]);
+        assert!(exit_ok(&verify), "{what}: verify: {}", stderr(&verify));
+        let replay = s.cli(&["replay", "--json"]);
+        assert!(exit_ok(&replay), "{what}: replay: {}", stderr(&replay));
+        if verify.status.success() && replay.status.success() {
+            // Whatever still opens and verifies must be the whole data, not a part of it.
+            let r: Value = serde_json::from_str(stdout(&replay).lines().next().unwrap()).unwrap();
+            let w: Value = serde_json::from_str(whole.lines().next().unwrap()).unwrap();
+            for k in ["records", "events", "subjects"] {
+                assert_eq!(r[k], w[k], "{what}: served partially");
+            }
+        } else {
+            let said = format!("{}{}", stdout(&verify), stderr(&replay));
+            assert!(
+                said.contains("damaged") || said.contains("BROKEN") || said.contains("position") || said.contains("first_bad_position"),
+                "{what}: no clear error: {said}"
+            );
+        }
+    }
+
+    // The keyring: a truncated or altered master key is refused by name.
+    for (what, edit) in [("truncated", 10usize), ("altered", 0)] {
+        let s = Scratch::new();
+        copy_tree(&template, &s);
+        let key = std::fs::read_dir(s.keyring()).unwrap().map(|e| e.unwrap().path()).next().unwrap();
+        let mut text = std::fs::read_to_string(&key).unwrap();
+        if edit > 0 {
+            text.truncate(edit);
+        } else {
+            let flipped = if text.starts_with('0') { "1" } else { "0" };
+            text.replace_range(0..1, flipped);
+        }
+        std::fs::write(&key, text).unwrap();
+        let out = s.cli(&["replay", "--json"]);
+        assert_eq!(out.status.code(), Some(2), "{what}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("keyring") || err.contains("master"), "{what}: {err}");
+        assert!(!err.contains("panicked"));
+    }
+}
+
+fn copy_tree(from: &Scratch, to: &Scratch) {
+    fn copy(a: &std::path::Path, b: &std::path::Path) {
+        std::fs::create_dir_all(b).unwrap();
+        std::fs::set_permissions(b, std::fs::metadata(a).unwrap().permissions()).unwrap();
+        for e in std::fs::read_dir(a).unwrap() {
+            let e = e.unwrap();
+            if e.path().is_dir() {
+                copy(&e.path(), &b.join(e.file_name()));
+            } else if e.file_name() != "pdledger.lock" {
+                std::fs::copy(e.path(), b.join(e.file_name())).unwrap();
+            }
+        }
+    }
+    copy(&from.data(), &to.data());
+    copy(&from.keyring(), &to.keyring());
+}
+
+/// Only TLS 1.2 and 1.3: a client offering TLS 1.1 alone is refused by the server, and plain
+/// HTTP on the TLS port gets no HTTP answer.
+#[test]
+fn tls_1_1_and_plain_http_are_refused_on_the_tls_port() {
+    let s = Scratch::new();
+    let server = Server::start(&s, &[]);
+    let addr = format!("127.0.0.1:{}", server.port);
+    let openssl = |args: &[&str]| {
+        std::process::Command::new("openssl")
+            .arg("s_client")
+            .args(args)
+            .args(["-connect", &addr, "-servername", "localhost"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl is installed")
+    };
+    // SECLEVEL=0 lets the client offer TLS 1.1 at all; the server must say no.
+    let old = openssl(&["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"]);
+    let said = format!("{}{}", String::from_utf8_lossy(&old.stdout), String::from_utf8_lossy(&old.stderr));
+    // The server answers the TLS 1.1 hello with an alert; no cipher is ever agreed.
+    assert!(said.contains("alert"), "TLS 1.1 was not refused: {said}");
+    assert!(said.contains("Cipher is (NONE)"), "TLS 1.1 was accepted: {said}");
+    for (flag, version) in [("-tls1_2", "TLSv1.2"), ("-tls1_3", "TLSv1.3")] {
+        let ok = openssl(&[flag]);
+        let said = String::from_utf8_lossy(&ok.stdout).into_owned();
+        assert!(said.contains(version) && !said.contains("Cipher is (NONE)"), "{flag}: {said}");
+    }
+
+    let mut tcp = std::net::TcpStream::connect(&addr).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n").unwrap();
+    let mut buf = vec![];
+    let _ = tcp.read_to_end(&mut buf);
+    assert!(!buf.starts_with(b"HTTP/"), "plain HTTP answered on the TLS port: {:?}", String::from_utf8_lossy(&buf));
+    assert!(server.stop().success());
+    let _ = json!({});
+}
