@@ -65,7 +65,8 @@ fn arb_json() -> impl Strategy<Value = Value> {
 fn fuzzed_request_bodies_never_cause_a_server_error() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let app = App::new();
-    let (staff, dpo, admin) = rt.block_on(async { (app.login("staff").await, app.login("dpo").await, app.login("admin").await) });
+    let (staff, dpo, admin) =
+        rt.block_on(async { (app.login("staff").await, app.login("dpo").await, app.login("admin").await) });
     let subject = Uuid::new_v4();
     let routes: Vec<(String, Option<String>)> = vec![
         (format!("/v1/subjects/{subject}/events"), Some(staff)),
@@ -75,16 +76,16 @@ fn fuzzed_request_bodies_never_cause_a_server_error() {
         (format!("/v1/subjects/{subject}/erase"), Some(dpo.clone())),
         ("/v1/auth/totp/activate".into(), Some(dpo)),
     ];
-    let body = prop_oneof![
-        arb_json().prop_map(|v| v.to_string().into_bytes()),
-        prop::collection::vec(any::<u8>(), 0..300),
-    ];
-    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 10_000, ..ProptestConfig::default() });
+    let body =
+        prop_oneof![arb_json().prop_map(|v| v.to_string().into_bytes()), prop::collection::vec(any::<u8>(), 0..300),];
+    let mut runner =
+        proptest::test_runner::TestRunner::new(ProptestConfig { cases: 10_000, ..ProptestConfig::default() });
     let n = std::sync::atomic::AtomicU64::new(0);
     runner
         .run(&(0..routes.len(), body), |(i, bytes)| {
             let (path, token) = &routes[i];
-            let mut b = Request::builder().method(Method::POST).uri(path.as_str()).header("content-type", "application/json");
+            let mut b =
+                Request::builder().method(Method::POST).uri(path.as_str()).header("content-type", "application/json");
             if let Some(t) = token {
                 b = b.header("authorization", format!("Bearer {t}"));
             }
@@ -110,7 +111,8 @@ fn exit_ok(o: &Output) -> bool {
 #[test]
 fn damaged_files_are_refused_clearly_never_served_partially() {
     let template = Scratch::new();
-    let lines: Vec<String> = std::fs::read_to_string(sample_path()).unwrap().lines().take(2000).map(str::to_owned).collect();
+    let lines: Vec<String> =
+        std::fs::read_to_string(sample_path()).unwrap().lines().take(2000).map(str::to_owned).collect();
     let input = template.write("part.jsonl", &(lines.join("\n") + "\n"));
     assert!(template.cli(&["import", input.to_str().unwrap()]).status.success());
     let whole = stdout(&template.cli(&["replay", "--json"]));
@@ -150,7 +152,10 @@ fn damaged_files_are_refused_clearly_never_served_partially() {
         } else {
             let said = format!("{}{}", stdout(&verify), stderr(&replay));
             assert!(
-                said.contains("damaged") || said.contains("BROKEN") || said.contains("position") || said.contains("first_bad_position"),
+                said.contains("damaged")
+                    || said.contains("BROKEN")
+                    || said.contains("position")
+                    || said.contains("first_bad_position"),
                 "{what}: no clear error: {said}"
             );
         }

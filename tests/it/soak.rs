@@ -91,7 +91,8 @@ async fn soak_mixed_traffic_no_errors_flat_memory_and_files() {
                         // Now and then a new subject is created and erased.
                         let s = Uuid::new_v4();
                         let body = json!({"events": [{"type": "note.added", "data": {"text": "to erase"}}]});
-                        let _ = client.call("POST", &format!("/v1/subjects/{s}/events"), Some(&staff), Some(body)).await;
+                        let _ =
+                            client.call("POST", &format!("/v1/subjects/{s}/events"), Some(&staff), Some(body)).await;
                         ("POST", format!("/v1/subjects/{s}/erase"), Some(&dpo), Some(json!({"reason": "soak"})))
                     }
                     _ => ("GET", "/v1/events?limit=20".to_owned(), Some(&staff), None),
