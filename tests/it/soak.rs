@@ -69,7 +69,7 @@ async fn soak_mixed_traffic_no_errors_flat_memory_and_files() {
                 i += 6;
                 let (c, email) = &customers[(i as usize * 7919) % customers.len()];
                 let (method, path, token, body) = match i % 12 {
-                    0 | 1 | 2 => (
+                    0..=2 => (
                         "POST",
                         format!("/v1/subjects/{}/events", Uuid::new_v4()),
                         Some(&staff),
