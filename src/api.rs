@@ -482,6 +482,7 @@ pub fn routes(state: AppState) -> (Router<AppState>, Vec<RouteInfo>) {
             login_totp,
         )
         .add(Method::POST, "/v1/auth/logout", OwnAccount, "Revoke the caller's token", logout)
+        .add(Method::GET, "/v1/auth/me", OwnAccount, "Who the caller is: username, role, two-step login", me)
         .add(Method::POST, "/v1/auth/totp/enroll", OwnAccount, "Start two-step login enrolment", totp_enroll)
         .add(
             Method::POST,
@@ -506,6 +507,13 @@ pub fn routes(state: AppState) -> (Router<AppState>, Vec<RouteInfo>) {
             ReadSubjects,
             "Find subjects by email, personal number or organisation number (blind index)",
             lookup,
+        )
+        .add(
+            Method::POST,
+            "/v1/subjects/lookup",
+            ReadSubjects,
+            "Find subjects like GET /v1/subjects, with the value in the body (kept out of URLs)",
+            lookup_post,
         )
         .add(Method::POST, "/v1/subjects/{id}/events", Append, "Append events to a subject, all or nothing", append)
         .add(Method::GET, "/v1/subjects/{id}/events", ReadSubjects, "Read a subject's events", read_events)
@@ -540,7 +548,11 @@ pub fn routes(state: AppState) -> (Router<AppState>, Vec<RouteInfo>) {
         .add(Method::GET, "/v1/ledger/head", VerifyLedger, "The ledger's head", ledger_head)
         .add(Method::GET, "/healthz", Public, "Liveness", healthz)
         .add(Method::GET, "/metrics", Public, "Prometheus metrics (no personal data, no subject ids)", metrics)
-        .add(Method::GET, "/openapi.json", Public, "This API's OpenAPI 3 document", openapi_doc);
+        .add(Method::GET, "/openapi.json", Public, "This API's OpenAPI 3 document", openapi_doc)
+        .add(Method::GET, "/", Public, "The DPO console (a web page over this API)", crate::console::index)
+        .add(Method::GET, "/console/app.js", Public, "The DPO console's script", crate::console::app_js)
+        .add(Method::GET, "/console/qr.js", Public, "The DPO console's QR-code encoder", crate::console::qr_js)
+        .add(Method::GET, "/console/app.css", Public, "The DPO console's style sheet", crate::console::app_css);
     (r.router, r.table)
 }
 
@@ -610,8 +622,17 @@ async fn outer(State(state): State<AppState>, mut req: Request, next: Next) -> R
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));
+    // Every response has a CSP: the console's pages and the extract's page set their own;
+    // the rest (JSON, text) may load nothing and be framed by nobody.
+    if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
+        h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(API_CSP));
+    }
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     resp
 }
+
+/// The Content-Security-Policy of every response that sets none of its own.
+pub const API_CSP: &str = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
 #[derive(Clone)]
 struct RequestIdExt(String);
@@ -795,6 +816,14 @@ async fn logout(
     Ok(axum::Json(json!({"logged_out": true})).into_response())
 }
 
+/// The caller's own account: what the console builds its controls from. Touches no
+/// subject, so nothing is audited.
+async fn me(State(state): State<AppState>, Extension(caller): Extension<Caller>) -> Result<Response, ApiError> {
+    let user = state.auth.user(&caller.username)?.ok_or_else(ApiError::unauthorized)?;
+    Ok(axum::Json(json!({"username": user.username, "role": user.role, "totp_enabled": user.has_totp()}))
+        .into_response())
+}
+
 async fn totp_enroll(
     State(state): State<AppState>,
     Extension(ctx): Extension<RequestCtx>,
@@ -920,6 +949,26 @@ async fn lookup(
     Extension(caller): Extension<Caller>,
     ApiQuery(q): ApiQuery<LookupParams>,
 ) -> Result<Response, ApiError> {
+    find_subjects(&state, &ctx, &caller, q).await
+}
+
+/// The same lookup with the value in a JSON body, so it is in no URL (browser history,
+/// proxies' logs): what the console uses.
+async fn lookup_post(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestCtx>,
+    Extension(caller): Extension<Caller>,
+    ApiJson(q): ApiJson<LookupParams>,
+) -> Result<Response, ApiError> {
+    find_subjects(&state, &ctx, &caller, q).await
+}
+
+async fn find_subjects(
+    state: &AppState,
+    ctx: &RequestCtx,
+    caller: &Caller,
+    q: LookupParams,
+) -> Result<Response, ApiError> {
     use crate::lookup::LookupKey;
     let given: Vec<(LookupKey, String)> = [
         (LookupKey::Email, q.email),
@@ -936,11 +985,11 @@ async fn lookup(
     let subjects = state.ledger.lookup(*key, value, state.config.page_max)?;
     // One entry per subject found; one without a subject when none matched.
     let entries = if subjects.is_empty() {
-        vec![entry(&ctx, Action::Lookup, None, Outcome::Ok)]
+        vec![entry(ctx, Action::Lookup, None, Outcome::Ok)]
     } else {
-        subjects.iter().map(|s| entry(&ctx, Action::Lookup, Some(*s), Outcome::Ok)).collect()
+        subjects.iter().map(|s| entry(ctx, Action::Lookup, Some(*s), Outcome::Ok)).collect()
     };
-    write_audit(&state, &caller.username, entries).await?;
+    write_audit(state, &caller.username, entries).await?;
     Ok(axum::Json(json!({ "subjects": subjects })).into_response())
 }
 
@@ -1245,7 +1294,12 @@ async fn export(
     write_audit(&state, &caller.username, vec![entry(&ctx, Action::Export, Some(subject), Outcome::Ok)]).await?;
     if html {
         let page = crate::export::to_html(&extract, state.ledger.schemas());
-        return Ok(([(header::CONTENT_TYPE, "text/html; charset=utf-8")], page).into_response());
+        let csp = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
+        return Ok((
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CONTENT_SECURITY_POLICY, csp)],
+            page,
+        )
+            .into_response());
     }
     Ok(axum::Json(extract).into_response())
 }

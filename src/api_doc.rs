@@ -25,6 +25,13 @@ fn schemas() -> Value {
             "mfa_token": {"type": "string", "maxLength": 128}, "code": {"type": "string", "maxLength": 16}}},
         "Code": {"type": "object", "required": ["code"], "additionalProperties": false, "properties": {
             "code": {"type": "string", "maxLength": 16}}},
+        "Me": {"type": "object", "required": ["username", "role", "totp_enabled"], "properties": {
+            "username": {"type": "string"}, "role": {"type": "string", "enum": ["admin", "staff", "dpo", "auditor", "service"]},
+            "totp_enabled": {"type": "boolean"}}},
+        "Lookup": {"type": "object", "additionalProperties": false, "minProperties": 1, "maxProperties": 1,
+            "description": "exactly one of the three", "properties": {
+            "email": {"type": "string", "maxLength": 320}, "personal_number": {"type": "string", "maxLength": 320},
+            "org_number": {"type": "string", "maxLength": 320}}},
         "Enrolment": {"type": "object", "required": ["secret", "otpauth_uri"], "properties": {
             "secret": {"type": "string"}, "otpauth_uri": {"type": "string"}}},
         "NewUser": {"type": "object", "required": ["username", "password", "role"], "additionalProperties": false, "properties": {
@@ -87,6 +94,8 @@ fn shape(method: &str, path: &str) -> (Option<&'static str>, u16, &'static str, 
         ("POST", "/v1/auth/totp") => (Some("Totp"), 200, "Session", vec![]),
         ("POST", "/v1/auth/logout") => (None, 200, "Ok", vec![]),
         ("POST", "/v1/auth/totp/enroll") => (None, 200, "Enrolment", vec![]),
+        ("GET", "/v1/auth/me") => (None, 200, "Me", vec![]),
+        ("POST", "/v1/subjects/lookup") => (Some("Lookup"), 200, "Subjects", vec![]),
         ("POST", "/v1/auth/totp/activate") => (Some("Code"), 200, "Ok", vec![]),
         ("POST", "/v1/users") => (Some("NewUser"), 201, "User", vec![]),
         ("GET", "/v1/users") => (None, 200, "Users", vec![]),
@@ -162,6 +171,15 @@ pub fn document(routes: &[RouteInfo]) -> Value {
             }
             "/openapi.json" => {
                 json!({"description": "this document", "content": {"application/json": {"schema": {"type": "object"}}}})
+            }
+            "/" | "/console/app.js" | "/console/qr.js" | "/console/app.css" => {
+                let media = match r.path.rsplit('.').next() {
+                    Some("js") => "text/javascript",
+                    Some("css") => "text/css",
+                    _ => "text/html",
+                };
+                json!({"description": "a file of the DPO console, compiled into the binary, with its Content-Security-Policy",
+                       "content": {media: {"schema": {"type": "string"}}}})
             }
             _ => response("success", ok_schema),
         };

@@ -29,6 +29,7 @@
 //! - [`export`]: the register extract (GDPR Art. 15/20): JSON, a bilingual HTML page, import lines.
 //! - [`api`]: the HTTP API: routes and their permissions, handlers, errors, OpenAPI.
 //! - [`serve`]: `pdledger serve`: TLS, first start, graceful shutdown.
+//! - [`console`]: the DPO console, a web page over the API, compiled into the binary.
 //! - [`cli`]: the `pdledger` command line.
 //! - [`time`], [`generate`]: timestamps; a synthetic register for tests and benchmarks.
 
@@ -38,6 +39,7 @@ pub mod audit;
 pub mod auth;
 pub mod backup;
 pub mod cli;
+pub mod console;
 pub mod crypto;
 pub mod export;
 pub mod generate;

@@ -157,6 +157,7 @@ async fn every_route_against_every_role() {
         (Method::POST, "/v1/auth/totp/enroll".into(), None, 200, Some(any)),
         (Method::POST, "/v1/auth/totp/activate".into(), Some(json!({"code": "abcdef"})), 422, Some(any)),
         (Method::POST, "/v1/auth/logout".into(), None, 200, Some(any)),
+        (Method::GET, "/v1/auth/me".into(), None, 200, Some(any)),
         (
             Method::POST,
             "/v1/users".into(),
@@ -168,6 +169,13 @@ async fn every_route_against_every_role() {
         (Method::POST, "/v1/users/{name}/disable".into(), None, 200, Some(&["admin"])),
         (Method::POST, "/v1/subjects".into(), None, 201, Some(&["staff", "dpo", "service"])),
         (Method::GET, "/v1/subjects".into(), None, 200, Some(&["staff", "dpo"])),
+        (
+            Method::POST,
+            "/v1/subjects/lookup".into(),
+            Some(json!({"email": "nobody@example.com"})),
+            200,
+            Some(&["staff", "dpo"]),
+        ),
         (Method::POST, "/v1/subjects/{id}/events".into(), Some(note("y")), 201, Some(&["staff", "dpo", "service"])),
         (Method::GET, "/v1/subjects/{id}/events".into(), None, 200, Some(&["staff", "dpo"])),
         (Method::GET, "/v1/events".into(), None, 200, Some(&["staff", "dpo"])),
@@ -184,6 +192,10 @@ async fn every_route_against_every_role() {
         (Method::GET, "/healthz".into(), None, 200, None),
         (Method::GET, "/metrics".into(), None, 200, None),
         (Method::GET, "/openapi.json".into(), None, 200, None),
+        (Method::GET, "/".into(), None, 200, None),
+        (Method::GET, "/console/app.js".into(), None, 200, None),
+        (Method::GET, "/console/qr.js".into(), None, 200, None),
+        (Method::GET, "/console/app.css".into(), None, 200, None),
     ];
 
     // The table covers exactly the router's routes, and so does the OpenAPI document.

@@ -6,11 +6,13 @@
 //! - `cli`: the command line: bad input, exit codes, a held data directory.
 //! - `http`: the HTTP API through the router: roles × routes, logins, lockout, appends, audit.
 //! - `server`: the real `pdledger serve` over TLS on a loopback socket.
+//! - `console`: the DPO console: its files and headers, and end to end in headless Chromium.
 
 mod support;
 
 mod backup;
 mod cli;
+mod console;
 mod core;
 mod durability;
 mod erasure;
