@@ -302,5 +302,53 @@ fn primitives(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, durable_append, single_append, read, primitives);
+/// Subject rights and views on stores of 10,000 and 100,000 events (100 events per subject on
+/// the larger): a view read against reading the subject's events, the register extract, an
+/// erasure (durable; it must not scan the log, so it should cost the same on both), rotation.
+fn rights(c: &mut Criterion) {
+    for n in [10_000u64, 100_000] {
+        let tmp = tempfile::tempdir().unwrap();
+        let ledger = open_ledger(tmp.path());
+        let input: Vec<u8> = {
+            let mut v = vec![];
+            pdledger::generate::write(&mut v, n, 1000, 5).unwrap();
+            v
+        };
+        pdledger::import::import(&ledger, std::io::Cursor::new(input), 1000, "bench", |_| {}).unwrap();
+        let mut subjects: Vec<uuid::Uuid> = ledger.store().subjects().map(Result::unwrap).collect();
+        let probe = subjects[0];
+        let mut g = c.benchmark_group(format!("rights_{n}_events"));
+        g.sample_size(20).measurement_time(Duration::from_secs(8));
+        g.bench_function("read_subject_events", |b| {
+            b.iter(|| assert!(!ledger.read_stream(probe, 0, usize::MAX).unwrap().is_empty()))
+        });
+        g.bench_function("read_view_customer", |b| {
+            b.iter(|| assert!(ledger.view("customer", probe).unwrap().is_some()))
+        });
+        g.bench_function("export_subject", |b| {
+            b.iter(|| pdledger::export::extract(&ledger, probe, 0).unwrap());
+        });
+        let rules = pdledger::retention::Rules::builtin();
+        subjects.clear();
+        // Each erasure takes a fresh subject with a registration, a project and an invoice
+        // (set up outside the timing).
+        g.bench_function("erase_subject_durable", |b| {
+            b.iter_batched(
+                || {
+                    let s = Uuid::new_v4();
+                    let events = vec![note(&ledger, 1), note(&ledger, 2), note(&ledger, 3)];
+                    ledger.append(s, None, events, "bench").unwrap();
+                    s
+                },
+                |s| pdledger::retention::erase(&ledger, &rules, s, "bench", "bench", 0, vec![]).unwrap().unwrap(),
+                criterion::BatchSize::PerIteration,
+            )
+        });
+        g.sample_size(10);
+        g.bench_function("rotate_all_keys", |b| b.iter(|| ledger.rotate().unwrap()));
+        g.finish();
+    }
+}
+
+criterion_group!(benches, durable_append, single_append, read, primitives, rights);
 criterion_main!(benches);

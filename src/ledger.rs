@@ -758,6 +758,12 @@ fn redo_after_head(
             batch.put_subject(h.subject, pos);
             created.insert(h.subject);
         }
+        // Only events that carry lookup values need decrypting here.
+        if h.kind == Kind::Sealed && schemas.get(&h.event_type, h.schema_version).is_none_or(|s| s.lookup.is_empty()) {
+            batch.put_stream(h.subject, h.version, pos);
+            touched.push(h.subject);
+            continue;
+        }
         match open_record(shared, &master, &rec)? {
             Payload::Event { data, .. } => {
                 batch.put_stream(h.subject, h.version, pos);

@@ -276,7 +276,7 @@ async fn continuous_backup_survives_kills_and_keeps_up() {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        let run = Duration::from_millis(300 + rng % 900);
+        let run = Duration::from_millis(1500 + rng % 1000);
         tokio::time::sleep(run).await; // how long the load runs before the fault
         let killed_at = Instant::now();
         server.signal(libc::SIGKILL);
@@ -293,7 +293,7 @@ async fn continuous_backup_survives_kills_and_keeps_up() {
             }
         }
     }
-    assert!(checked > 100, "too few appends were old enough to check: {checked}");
+    assert!(checked > 50, "too few appends were old enough to check: {checked}");
     // After a clean stop the backup holds everything, and restores.
     let log = s.root.path().join("last.log");
     let server = Server::start_logged(&s, &["--plain-http", "--backup-dir", bk.to_str().unwrap()], Some(&log));

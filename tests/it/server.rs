@@ -73,6 +73,16 @@ impl Server {
     }
 }
 
+/// A test that fails part-way still stops its server.
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// A minimal HTTPS (or HTTP) client: one connection per request.
 pub struct Client {
     port: u16,
