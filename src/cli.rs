@@ -584,23 +584,6 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 }
             }
         }
-        Command::Verify { data, anchor, json } if crate::backup::is_backup(&data.data) => {
-            let report = crate::backup::verify(&data.data, anchor)?;
-            if json {
-                writeln!(out, "{}", serde_json::to_string(&report)?)?;
-            } else if report.ok {
-                writeln!(out, "ok: backup of {} records, chain whole\nhead {}", report.events, report.anchor())?;
-            } else {
-                writeln!(
-                    out,
-                    "BROKEN at position {}: {}\n{} records whole before it",
-                    report.first_bad_position.unwrap_or(0),
-                    report.reason.as_deref().unwrap_or(""),
-                    report.events
-                )?;
-            }
-            Ok(if report.ok { Outcome::Passed } else { Outcome::Failed })
-        }
         Command::Backup { dest, data, json } => {
             let manifest = match Store::open(&data.data, "pdledger backup", cache_bytes(64)?) {
                 Ok(store) => {
@@ -675,14 +658,20 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             Ok(Outcome::Passed)
         }
         Command::Verify { data, anchor, json } => {
-            let store = Store::open(&data.data, "pdledger verify", cache_bytes(64)?)?;
-            let report =
-                crate::verify::verify(&store, anchor, |n| progress_line(tty, &format!("verified {n} records")))?;
-            progress_line(tty, "");
+            // A backup directory is verified the same way, from its segments.
+            let (report, what) = if crate::backup::is_backup(&data.data) {
+                (crate::backup::verify(&data.data, anchor)?, "backup of ")
+            } else {
+                let store = Store::open(&data.data, "pdledger verify", cache_bytes(64)?)?;
+                let r =
+                    crate::verify::verify(&store, anchor, |n| progress_line(tty, &format!("verified {n} records")))?;
+                progress_line(tty, "");
+                (r, "")
+            };
             if json {
                 writeln!(out, "{}", serde_json::to_string(&report)?)?;
             } else if report.ok {
-                writeln!(out, "ok: {} records, chain whole\nhead {}", report.events, report.anchor())?;
+                writeln!(out, "ok: {what}{} records, chain whole\nhead {}", report.events, report.anchor())?;
             } else {
                 writeln!(
                     out,

@@ -266,15 +266,7 @@ mod fuzz {
             let f = fixture();
             let line = &f.lines[pick % f.lines.len()];
             let mut b = line.as_bytes().to_vec();
-            for (at, byte, how) in edits {
-                let i = at % (b.len() + 1);
-                match how {
-                    0 if i < b.len() => b[i] = byte,
-                    1 => b.insert(i, byte),
-                    _ if i < b.len() => { b.remove(i); }
-                    _ => {}
-                }
-            }
+            crate::fuzzing::mutate(&mut b, &edits);
             if let Err(msg) = parse_line(&f.ledger, &b) {
                 // Personal values (a name, an email) must not come back in the message.
                 let v: serde_json::Value = serde_json::from_str(line).unwrap();

@@ -831,22 +831,7 @@ fn redo_after_head(
             batch.remove_view(view.name(), subject);
         }
         let mut projector = Projector::new(projections.clone());
-        for item in store.stream(subject, 0) {
-            let (_, pos) = item?;
-            let rec = decode_at(pos, &store.record(pos)?.ok_or(OpenError::Inconsistent { meta: from - 1, log: pos })?)?;
-            if let Payload::Event { occurred_at, data } = open_record(shared, &master, &rec)? {
-                let recorded_at = crate::time::rfc3339(rec.header.recorded_at_ms);
-                let ev = EventRef {
-                    event_type: &rec.header.event_type,
-                    data: &data,
-                    occurred_at: &occurred_at,
-                    recorded_at: &recorded_at,
-                    version: rec.header.version,
-                    position: pos,
-                };
-                projector.apply_fresh(subject, &ev);
-            }
-        }
+        project_subject(shared, &master, &mut projector, subject, to)?;
         projector.flush(&keys, &mut batch).map_err(ReadError::from)?;
     }
     if views_at.is_some_and(|at| at + 1 >= from) {
@@ -860,6 +845,44 @@ fn redo_after_head(
         tracing::warn!(from, to, "completed the writes of a commit cut short by a crash");
     }
     Ok(())
+}
+
+/// Applies a subject's stream, up to `head`, to fresh documents in `projector` (events whose
+/// key is gone are skipped). Returns the events read.
+fn project_subject(
+    shared: &Shared,
+    master: &MasterKey,
+    projector: &mut Projector,
+    subject: Uuid,
+    head: Position,
+) -> Result<u64, OpenError> {
+    let store = &shared.store;
+    let mut n = 0;
+    for item in store.stream(subject, 0) {
+        let (_, pos) = item?;
+        if pos > head {
+            break;
+        }
+        n += 1;
+        let bytes = store.record(pos)?.ok_or(OpenError::Inconsistent { meta: head, log: pos })?;
+        let rec = decode_at(pos, &bytes)?;
+        if !projector.projections().handles(&rec.header.event_type) {
+            continue;
+        }
+        if let Payload::Event { occurred_at, data } = open_record(shared, master, &rec)? {
+            let recorded_at = crate::time::rfc3339(rec.header.recorded_at_ms);
+            let ev = EventRef {
+                event_type: &rec.header.event_type,
+                data: &data,
+                occurred_at: &occurred_at,
+                recorded_at: &recorded_at,
+                version: rec.header.version,
+                position: pos,
+            };
+            projector.apply_fresh(subject, &ev);
+        }
+    }
+    Ok(n)
 }
 
 /// Brings the view documents up to the log's head. The writer keeps them current in every
@@ -909,30 +932,7 @@ fn catch_up_views(
         if store.erased(subject)?.is_some() {
             continue;
         }
-        for item in store.stream(subject, 0) {
-            let (_, pos) = item?;
-            if pos > head {
-                break;
-            }
-            done += 1;
-            let bytes = store.record(pos)?.ok_or(OpenError::Inconsistent { meta: head, log: pos })?;
-            let rec = decode_at(pos, &bytes)?;
-            if !projections.handles(&rec.header.event_type) {
-                continue;
-            }
-            if let Payload::Event { occurred_at, data } = open_record(shared, &master, &rec)? {
-                let recorded_at = crate::time::rfc3339(rec.header.recorded_at_ms);
-                let ev = EventRef {
-                    event_type: &rec.header.event_type,
-                    data: &data,
-                    occurred_at: &occurred_at,
-                    recorded_at: &recorded_at,
-                    version: rec.header.version,
-                    position: pos,
-                };
-                projector.apply_fresh(subject, &ev);
-            }
-        }
+        done += project_subject(shared, &master, &mut projector, subject, head)?;
         if projector.len() >= FLUSH_DOCS {
             projector.flush(&keys, &mut batch).map_err(ReadError::from)?;
             store.apply(std::mem::take(&mut batch))?;

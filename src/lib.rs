@@ -61,3 +61,22 @@ pub mod time;
 pub mod verify;
 pub mod views;
 pub mod writer;
+
+/// Shared by the fuzz properties of the decoders (`record`, `import`, `projection`).
+#[cfg(test)]
+pub(crate) mod fuzzing {
+    /// Applies byte edits to `bytes`: (where, byte, 0 replace | 1 insert | 2 delete).
+    pub fn mutate(bytes: &mut Vec<u8>, edits: &[(usize, u8, u8)]) {
+        for &(at, byte, how) in edits {
+            let i = at % (bytes.len() + 1);
+            match how {
+                0 if i < bytes.len() => bytes[i] = byte,
+                1 => bytes.insert(i, byte),
+                _ if i < bytes.len() => {
+                    bytes.remove(i);
+                }
+                _ => {}
+            }
+        }
+    }
+}

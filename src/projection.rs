@@ -1430,15 +1430,7 @@ mod fuzz {
             let schemas = crate::schema::Schemas::builtin();
             let (file, text) = BUILTIN[pick % BUILTIN.len()];
             let mut b = text.as_bytes().to_vec();
-            for (at, byte, how) in edits {
-                let i = at % (b.len() + 1);
-                match how {
-                    0 if i < b.len() => b[i] = byte,
-                    1 => b.insert(i, byte),
-                    _ if i < b.len() => { b.remove(i); }
-                    _ => {}
-                }
-            }
+            crate::fuzzing::mutate(&mut b, &edits);
             let text = String::from_utf8_lossy(&b);
             let stem = Path::new(file).file_stem().unwrap().to_string_lossy().into_owned();
             if let Err(e) = parse_view(file, &stem, &text, &schemas) {

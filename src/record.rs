@@ -376,15 +376,7 @@ mod fuzz {
         #[test]
         fn decode_never_panics_on_mutated_records(edits in prop::collection::vec((any::<usize>(), any::<u8>(), 0u8..3), 1..8)) {
             let mut b = seed();
-            for (at, byte, how) in edits {
-                let i = at % (b.len() + 1);
-                match how {
-                    0 if i < b.len() => b[i] = byte,
-                    1 => b.insert(i, byte),
-                    _ if i < b.len() => { b.remove(i); }
-                    _ => {}
-                }
-            }
+            crate::fuzzing::mutate(&mut b, &edits);
             if let Ok(r) = decode(&b) {
                 // What decodes is self-consistent: encoding it again gives a record that
                 // decodes to the same header and payload.

@@ -182,22 +182,6 @@ fn after_erasure_and_rotation_nothing_remaining_reads_the_customer() {
     assert!(out.status.success(), "{}", stdout(&out));
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(to).unwrap();
-    std::fs::set_permissions(to, std::fs::metadata(from).unwrap().permissions()).unwrap();
-    let _ = std::fs::Permissions::from_mode(0o700);
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else if e.file_name() != "pdledger.lock" {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
 /// Kill -9 at random moments of `pdledger erase` (erasure, then rotation): afterwards the
 /// erasure is done or not started, everyone else reads back, the chain verifies.
 #[test]
@@ -216,8 +200,7 @@ fn kill_during_erase_and_rotation_leaves_it_done_or_not_started() {
     let t = std::time::Instant::now();
     {
         let s = Scratch::new();
-        copy_dir(&template.data(), &s.data());
-        copy_dir(&template.keyring(), &s.keyring());
+        copy_scratch(&template, &s);
         let out = s.cli(&["erase", COMPANY, "--reason", "x", "--retention", rules.to_str().unwrap()]);
         assert!(out.status.success(), "{}", stderr(&out));
     }
@@ -226,8 +209,7 @@ fn kill_during_erase_and_rotation_leaves_it_done_or_not_started() {
     let (mut done, mut not_started) = (0, 0);
     for _ in 0..30 {
         let s = Scratch::new();
-        copy_dir(&template.data(), &s.data());
-        copy_dir(&template.keyring(), &s.keyring());
+        copy_scratch(&template, &s);
         let mut child = s
             .cli_cmd(&["erase", COMPANY, "--reason", "x", "--retention", rules.to_str().unwrap()])
             .stdout(std::process::Stdio::null())

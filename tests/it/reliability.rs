@@ -134,7 +134,7 @@ fn damaged_files_are_refused_clearly_never_served_partially() {
     ];
     for (what, damage) in damages {
         let s = Scratch::new();
-        copy_tree(&template, &s);
+        copy_scratch(&template, &s);
         let mut bytes = std::fs::read(db(&s)).unwrap();
         damage(&mut bytes);
         std::fs::write(db(&s), &bytes).unwrap();
@@ -164,7 +164,7 @@ fn damaged_files_are_refused_clearly_never_served_partially() {
     // The keyring: a truncated or altered master key is refused by name.
     for (what, edit) in [("truncated", 10usize), ("altered", 0)] {
         let s = Scratch::new();
-        copy_tree(&template, &s);
+        copy_scratch(&template, &s);
         let key = std::fs::read_dir(s.keyring()).unwrap().map(|e| e.unwrap().path()).next().unwrap();
         let mut text = std::fs::read_to_string(&key).unwrap();
         if edit > 0 {
@@ -180,23 +180,6 @@ fn damaged_files_are_refused_clearly_never_served_partially() {
         assert!(err.contains("keyring") || err.contains("master"), "{what}: {err}");
         assert!(!err.contains("panicked"));
     }
-}
-
-fn copy_tree(from: &Scratch, to: &Scratch) {
-    fn copy(a: &std::path::Path, b: &std::path::Path) {
-        std::fs::create_dir_all(b).unwrap();
-        std::fs::set_permissions(b, std::fs::metadata(a).unwrap().permissions()).unwrap();
-        for e in std::fs::read_dir(a).unwrap() {
-            let e = e.unwrap();
-            if e.path().is_dir() {
-                copy(&e.path(), &b.join(e.file_name()));
-            } else if e.file_name() != "pdledger.lock" {
-                std::fs::copy(e.path(), b.join(e.file_name())).unwrap();
-            }
-        }
-    }
-    copy(&from.data(), &to.data());
-    copy(&from.keyring(), &to.keyring());
 }
 
 /// Only TLS 1.2 and 1.3: a client offering TLS 1.1 alone is refused by the server, and plain

@@ -178,14 +178,14 @@ fn kill_during_the_retention_run_shreds_nothing_early_and_loses_nothing() {
     let t = std::time::Instant::now();
     {
         let s = Scratch::new();
-        copy_tree(&template, &s);
+        copy_scratch(&template, &s);
         assert!(s.cli(&["retention", "run", "--now", &now_text]).status.success());
     }
     let full = t.elapsed();
     let mut rng = seed();
     for _ in 0..10 {
         let s = Scratch::new();
-        copy_tree(&template, &s);
+        copy_scratch(&template, &s);
         let mut child = s
             .cli_cmd(&["retention", "run", "--now", &now_text])
             .stdout(std::process::Stdio::null())
@@ -214,21 +214,4 @@ fn kill_during_the_retention_run_shreds_nothing_early_and_loses_nothing() {
         assert_eq!(left.len(), all.iter().filter(|h| h.2 > now).count());
         assert!(s.cli(&["verify"]).status.success());
     }
-}
-
-fn copy_tree(from: &Scratch, to: &Scratch) {
-    fn copy(a: &std::path::Path, b: &std::path::Path) {
-        std::fs::create_dir_all(b).unwrap();
-        std::fs::set_permissions(b, std::fs::metadata(a).unwrap().permissions()).unwrap();
-        for e in std::fs::read_dir(a).unwrap() {
-            let e = e.unwrap();
-            if e.path().is_dir() {
-                copy(&e.path(), &b.join(e.file_name()));
-            } else if e.file_name() != "pdledger.lock" {
-                std::fs::copy(e.path(), b.join(e.file_name())).unwrap();
-            }
-        }
-    }
-    copy(&from.data(), &to.data());
-    copy(&from.keyring(), &to.keyring());
 }

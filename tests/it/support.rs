@@ -184,3 +184,23 @@ pub fn shred_all_rules(s: &Scratch) -> PathBuf {
         .replace("\"retain_until_end_of_year_after\": 7,", "");
     s.write("shred-all.json", &text)
 }
+
+/// Copies a directory tree (modes of directories kept; the lock file left out).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    std::fs::set_permissions(to, std::fs::metadata(from).unwrap().permissions()).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else if e.file_name() != "pdledger.lock" {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Copies one scratch's data and keyring into another (a template for repeated fault runs).
+pub fn copy_scratch(from: &Scratch, to: &Scratch) {
+    copy_dir(&from.data(), &to.data());
+    copy_dir(&from.keyring(), &to.keyring());
+}
