@@ -273,10 +273,7 @@ async fn continuous_backup_survives_kills_and_keeps_up() {
                 }
             }));
         }
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let run = Duration::from_millis(1500 + rng % 1000);
+        let run = Duration::from_millis(1500 + next_random(&mut rng) % 1000);
         tokio::time::sleep(run).await; // how long the load runs before the fault
         let killed_at = Instant::now();
         server.signal(libc::SIGKILL);

@@ -210,19 +210,11 @@ fn kill_during_erase_and_rotation_leaves_it_done_or_not_started() {
     for _ in 0..30 {
         let s = Scratch::new();
         copy_scratch(&template, &s);
-        let mut child = s
-            .cli_cmd(&["erase", COMPANY, "--reason", "x", "--retention", rules.to_str().unwrap()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let at = full.mul_f64((rng % 1000) as f64 / 1000.0);
-        std::thread::sleep(at); // the fault's moment, not synchronisation
-        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-        let _ = child.wait();
+        spawn_and_kill(
+            s.cli_cmd(&["erase", COMPANY, "--reason", "x", "--retention", rules.to_str().unwrap()]),
+            full,
+            &mut rng,
+        );
 
         let ledger = s.open();
         match ledger.erasure(subject).unwrap() {

@@ -186,18 +186,7 @@ fn kill_during_the_retention_run_shreds_nothing_early_and_loses_nothing() {
     for _ in 0..10 {
         let s = Scratch::new();
         copy_scratch(&template, &s);
-        let mut child = s
-            .cli_cmd(&["retention", "run", "--now", &now_text])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        std::thread::sleep(full.mul_f64((rng % 1000) as f64 / 1000.0)); // the fault's moment
-        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-        let _ = child.wait();
+        spawn_and_kill(s.cli_cmd(&["retention", "run", "--now", &now_text]), full, &mut rng);
         let ledger = s.open();
         for (subject, category, until) in &all {
             let has_key = ledger.store().key_categories(*subject).unwrap().contains(category);

@@ -204,3 +204,20 @@ pub fn copy_scratch(from: &Scratch, to: &Scratch) {
     copy_dir(&from.data(), &to.data());
     copy_dir(&from.keyring(), &to.keyring());
 }
+
+/// The next number of a seeded xorshift sequence (fault moments that a seed reproduces).
+pub fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+/// Starts `cmd` (output discarded) and kills it with SIGKILL at a random moment within
+/// `within`: the fault under test, not synchronisation.
+pub fn spawn_and_kill(mut cmd: Command, within: std::time::Duration, rng: &mut u64) {
+    let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    std::thread::sleep(within.mul_f64((next_random(rng) % 1000) as f64 / 1000.0));
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+}
