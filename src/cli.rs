@@ -490,17 +490,7 @@ fn replay_subject(
             writeln!(out, "v{} @{} {} {} {}", e.version, e.position, e.occurred_at, e.event_type, e.data)?;
         }
     }
-    let docs = crate::views::build(
-        ledger.projections(),
-        events.iter().map(|e| crate::projection::EventRef {
-            event_type: &e.event_type,
-            data: &e.data,
-            occurred_at: &e.occurred_at,
-            recorded_at: &e.recorded_at,
-            version: e.version,
-            position: e.position,
-        }),
-    );
+    let docs = crate::views::build(ledger.projections(), events.iter().map(crate::ledger::StoredEvent::as_event_ref));
     for (view, doc) in docs {
         let v = serde_json::json!({"view": view, "subject": subject, "version": doc.version, "position": doc.position, "data": doc.data});
         if json {

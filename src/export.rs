@@ -480,14 +480,7 @@ fn superseded_fields(projections: &Projections, events: &[StoredEvent]) -> Vec<V
     let mut selectors: HashMap<(usize, &str, &str), bool> = HashMap::new();
     let mut markers: Vec<Marker> = vec![];
     for (i, e) in events.iter().enumerate() {
-        let ev = EventRef {
-            event_type: &e.event_type,
-            data: &e.data,
-            occurred_at: &e.occurred_at,
-            recorded_at: &e.recorded_at,
-            version: e.version,
-            position: e.position,
-        };
+        let ev = e.as_event_ref();
         for (vi, view) in views.iter().enumerate().filter(|(_, v)| v.handles(&e.event_type)) {
             let Value::Object(fields) = &e.data else {
                 view.apply(&mut docs[vi], &ev);

@@ -595,6 +595,20 @@ impl Drop for Ledger {
     }
 }
 
+impl StoredEvent {
+    /// This event as the projections take it.
+    pub fn as_event_ref(&self) -> EventRef<'_> {
+        EventRef {
+            event_type: &self.event_type,
+            data: &self.data,
+            occurred_at: &self.occurred_at,
+            recorded_at: &self.recorded_at,
+            version: self.version,
+            position: self.position,
+        }
+    }
+}
+
 pub fn stored_event(h: Header, occurred_at: String, data: Value) -> StoredEvent {
     StoredEvent {
         position: h.position,
