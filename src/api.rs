@@ -279,6 +279,20 @@ impl From<WriteError> for ApiError {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "the ledger is busy; retry shortly")
                     .retry_after(1)
             }
+            WriteError::DiskFull { free_bytes, floor_bytes } => {
+                tracing::warn!(free_bytes, floor_bytes, "write refused: the data directory's disk is nearly full");
+                ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "insufficient_storage",
+                    format!(
+                        "the data directory's disk is nearly full ({} MiB free; the ledger keeps {} MiB free): \
+                         nothing was written; retry once an operator has freed space",
+                        free_bytes >> 20,
+                        floor_bytes >> 20
+                    ),
+                )
+                .retry_after(30)
+            }
             WriteError::Unavailable(detail) => {
                 tracing::error!(error = %detail, "writer unavailable");
                 ApiError::new(
@@ -1624,6 +1638,10 @@ async fn metrics(State(state): State<AppState>) -> Response {
     let _ = writeln!(out, "# TYPE pdledger_fsyncs_total counter\npdledger_fsyncs_total {fsyncs}");
     let head = state.ledger.head().map(|h| h.0).unwrap_or(0);
     let _ = writeln!(out, "# TYPE pdledger_head_position gauge\npdledger_head_position {head}");
+    if let Some((free, floor)) = state.ledger.disk_space() {
+        let _ = writeln!(out, "# TYPE pdledger_disk_free_bytes gauge\npdledger_disk_free_bytes {free}");
+        let _ = writeln!(out, "# TYPE pdledger_disk_floor_bytes gauge\npdledger_disk_floor_bytes {floor}");
+    }
     if let Some(b) = &state.backup {
         let s = b.lock().expect("not poisoned").status();
         let _ =

@@ -375,6 +375,11 @@ pub struct ServeLimits {
     /// Seconds between retention runs (shredding retained categories whose time is up).
     #[arg(long, default_value_t = 3600)]
     retention_check_secs: u64,
+    /// MiB kept free on the data directory's disk: below it, appends are answered 507 while
+    /// reads, logins and erasures go on (their audit entries use the reserve down to a
+    /// quarter of it); appends resume by themselves once space is freed.
+    #[arg(long, env = "PDLEDGER_MIN_FREE_MB", default_value_t = 64)]
+    min_free_mb: u64,
 }
 
 pub enum Outcome {
@@ -976,6 +981,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 event_bytes_max: l.event_bytes_max,
                 events_per_append_max: l.events_per_request_max,
                 queue_depth: l.queue_depth,
+                min_free_bytes: l.min_free_mb << 20,
                 ..Limits::default()
             };
             let ledger = open_with(&data, &keys, &format!("pdledger serve on {listen}"), limits)?;

@@ -41,6 +41,9 @@ pub struct Limits {
     pub cache_bytes: u64,
     /// Unwrapped subject keys kept in memory.
     pub keys_cached_max: usize,
+    /// Free space kept on the data directory's file system: below it, new data is refused
+    /// (see [`writer::SpaceGuard`]).
+    pub min_free_bytes: u64,
 }
 
 impl Default for Limits {
@@ -52,6 +55,7 @@ impl Default for Limits {
             group_events_max: 4096,
             cache_bytes: 64 * 1024 * 1024,
             keys_cached_max: 100_000,
+            min_free_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -274,6 +278,7 @@ impl Ledger {
                 queue_depth: opts.limits.queue_depth,
                 group_events_max: opts.limits.group_events_max,
                 projections: opts.projections.clone(),
+                space: writer::SpaceGuard { dir: opts.data.clone(), floor_bytes: opts.limits.min_free_bytes },
             },
         );
         Ok(Ledger {
@@ -417,6 +422,12 @@ impl Ledger {
     }
 
     /// Counters for metrics: (groups applied by the sequencer, fsyncs that made them durable).
+    /// Bytes free on the data directory's disk and the floor the writer keeps, when the file
+    /// system says.
+    pub fn disk_space(&self) -> Option<(u64, u64)> {
+        Some((crate::store::free_bytes(self.shared.store.dir())?, self.limits.min_free_bytes))
+    }
+
     pub fn commit_counts(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
         (self.shared.commits.load(Relaxed), self.shared.fsyncs.load(Relaxed))

@@ -123,6 +123,10 @@ pub enum WriteError {
     Overloaded,
     #[error("the ledger refuses writes after a storage failure ({0}); restart it")]
     Unavailable(String),
+    /// The data directory's file system is nearly full: refused before anything is written,
+    /// so nothing is half-written and the ledger goes on once space is freed.
+    #[error("the data directory's disk is nearly full: {free_bytes} bytes free, the ledger keeps {floor_bytes} free")]
+    DiskFull { free_bytes: u64, floor_bytes: u64 },
 }
 
 pub type Reply = Result<Vec<Committed>, WriteError>;
@@ -223,6 +227,38 @@ pub struct Config {
     pub queue_depth: usize,
     pub group_events_max: usize,
     pub projections: Arc<Projections>,
+    pub space: SpaceGuard,
+}
+
+/// Keeps the data directory's file system from filling up under the store.
+///
+/// sled turns any failed write into a permanent error for the whole process, so the ledger
+/// must refuse writes before the disk is full, not after. Below `floor_bytes` free, new data
+/// (appends, new subjects) is refused with [`WriteError::DiskFull`]; the small records that
+/// keep the ledger lawful (audit entries of reads and logins, erasures, restrictions,
+/// shreds) go on into the reserve down to a quarter of it; below that, everything is refused,
+/// and reads that must be audited first are refused with them. Checked once per group commit
+/// (one `statvfs`); the ledger goes on by itself once space is freed.
+#[derive(Clone, Debug)]
+pub struct SpaceGuard {
+    pub dir: std::path::PathBuf,
+    pub floor_bytes: u64,
+}
+
+impl SpaceGuard {
+    /// Bytes available on the data directory's file system, or `None` when the file system
+    /// does not say (then nothing is refused on its account).
+    pub fn free_bytes(&self) -> Option<u64> {
+        crate::store::free_bytes(&self.dir)
+    }
+
+    /// Why this submission may not be written now, if it may not.
+    fn refuses(&self, free: Option<u64>, ops: &[Op]) -> Option<WriteError> {
+        let free_bytes = free?;
+        let new_data = ops.iter().any(|op| matches!(op, Op::Append { .. } | Op::Create { .. }));
+        let floor = if new_data { self.floor_bytes } else { self.floor_bytes / 4 };
+        (free_bytes < floor).then_some(WriteError::DiskFull { free_bytes, floor_bytes: floor })
+    }
 }
 
 pub fn spawn(
@@ -247,6 +283,7 @@ pub fn spawn(
         versions: HashMap::new(),
         group_events_max: config.group_events_max,
         projector: Projector::new(config.projections),
+        space: config.space,
     };
     let join = std::thread::Builder::new()
         .name("pdledger-writer".into())
@@ -272,6 +309,7 @@ struct Writer {
     group_events_max: usize,
     /// Keeps the view documents current, in the same commit as the events.
     projector: Projector,
+    space: SpaceGuard,
 }
 
 const VERSIONS_MAX: usize = 200_000;
@@ -422,8 +460,13 @@ impl Writer {
         };
         let mut accepted: Vec<Staged> = vec![];
         let now = crate::time::now_ms().max(self.last_ms);
+        let free = self.space.free_bytes();
 
         for sub in group {
+            if let Some(e) = self.space.refuses(free, &sub.ops) {
+                let _ = sub.reply.send(Err(e));
+                continue;
+            }
             if let Err(e) = self.check(&sub.ops, &g) {
                 let _ = sub.reply.send(Err(e));
                 continue;

@@ -6,6 +6,7 @@
 //! - `cli`: the command line: bad input, exit codes, a held data directory.
 //! - `http`: the HTTP API through the router: roles × routes, logins, lockout, appends, audit.
 //! - `server`: the real `pdledger serve` over TLS on a loopback socket.
+//! - `diskfull`: the server on a small tmpfs filled by appends: 507, reads go on, appends resume.
 //! - `console`: the DPO console: its files and headers, and end to end in headless Chromium.
 
 mod support;
@@ -14,6 +15,7 @@ mod backup;
 mod cli;
 mod console;
 mod core;
+mod diskfull;
 mod durability;
 mod erasure;
 mod export;
