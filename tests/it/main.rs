@@ -6,6 +6,8 @@
 //! - `cli`: the command line: bad input, exit codes, a held data directory.
 //! - `http`: the HTTP API through the router: roles × routes, logins, lockout, appends, audit.
 //! - `server`: the real `pdledger serve` over TLS on a loopback socket.
+//! - `crash`: kill -9 of the real server under the soak's mixed load, 20 times on one data
+//!   directory: acknowledged appends and erasures survive, nothing erased is readable.
 //! - `diskfull`: the server on a small tmpfs filled by appends: 507, reads go on, appends resume.
 //! - `console`: the DPO console: its files and headers, and end to end in headless Chromium.
 
@@ -15,6 +17,7 @@ mod backup;
 mod cli;
 mod console;
 mod core;
+mod crash;
 mod diskfull;
 mod durability;
 mod erasure;

@@ -83,6 +83,24 @@ impl Drop for Server {
     }
 }
 
+/// Why a call got no answer.
+#[derive(Debug)]
+pub enum NoAnswer {
+    /// The connection was refused: the request never reached the server.
+    Refused(std::io::Error),
+    /// The connection broke after it was made: the request may or may not have been handled.
+    Broken(String),
+}
+
+impl std::fmt::Display for NoAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoAnswer::Refused(e) => write!(f, "connection refused: {e}"),
+            NoAnswer::Broken(e) => write!(f, "no answer: {e}"),
+        }
+    }
+}
+
 /// A minimal HTTPS (or HTTP) client: one connection per request.
 pub struct Client {
     port: u16,
@@ -108,7 +126,20 @@ impl Client {
     }
 
     pub async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
-        let tcp = TcpStream::connect(("127.0.0.1", self.port)).await.unwrap();
+        self.try_call(method, path, token, body).await.unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// A call that reports a missing answer instead of panicking: for tests that kill the
+    /// server while requests are in flight.
+    pub async fn try_call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Result<(u16, Value), NoAnswer> {
+        let tcp = TcpStream::connect(("127.0.0.1", self.port)).await.map_err(NoAnswer::Refused)?;
+        let broken = |e: &dyn std::fmt::Display| NoAnswer::Broken(e.to_string());
         let mut req = hyper::Request::builder().method(method).uri(path).header("host", "localhost");
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
@@ -123,22 +154,25 @@ impl Client {
         let req = req.body(body).unwrap();
         let resp = match &self.tls {
             Some(c) => {
-                let stream = c.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
-                let (mut send, conn) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+                let stream =
+                    c.connect(ServerName::try_from("localhost").unwrap(), tcp).await.map_err(|e| broken(&e))?;
+                let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .map_err(|e| broken(&e))?;
                 tokio::spawn(conn);
-                send.send_request(req).await.unwrap()
+                send.send_request(req).await.map_err(|e| broken(&e))?
             }
             None => {
-                let (mut send, conn) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+                let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                    .await
+                    .map_err(|e| broken(&e))?;
                 tokio::spawn(conn);
-                send.send_request(req).await.unwrap()
+                send.send_request(req).await.map_err(|e| broken(&e))?
             }
         };
         let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        let bytes = resp.into_body().collect().await.map_err(|e| broken(&e))?.to_bytes();
+        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
     }
 
     pub async fn login(&self, user: &str, password: &str) -> String {
