@@ -5,6 +5,8 @@
 //!   `serde_json::Value` and echoes it back (the floor: HTTP + JSON, no ledger).
 //! - `append (http)` / `append (tls)`: `POST /v1/subjects/{id}/events`, one ~500-byte
 //!   `note.added` event per request, each connection appending to its own subject.
+//! - `append (http, backup)`: the plain-HTTP append with the continuous backup running (200 ms
+//!   interval); its largest lag during the run, and how soon it catches up after, are printed.
 //! - `read (http)` / `read (tls)`: `GET /v1/subjects/{id}/events` on subjects of exactly 10 events.
 //!
 //! Every scenario: 64 keep-alive HTTP/1.1 connections on 127.0.0.1, each sending requests one
@@ -47,6 +49,8 @@ const REQUESTS_MAX: u64 = 2_000_000;
 /// A request taking longer than this counts as an error (and its connection is replaced).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_EVENTS: usize = 10;
+/// The continuous backup's interval in the backup scenario: `serve --backup-interval-ms`'s default.
+const BACKUP_INTERVAL: Duration = Duration::from_millis(200);
 const USER: &str = "staff";
 const PASSWORD: &str = "a-long-enough-password";
 
@@ -115,6 +119,54 @@ async fn run(measure: Duration, warmup: Duration) {
         if stored != r.ok_total {
             eprintln!("!!! {name}: {} appends acknowledged but {stored} events stored", r.ok_total);
         }
+        results.push(r);
+    }
+
+    // 3b. append over plain HTTP with the continuous backup running (`serve --backup-dir`,
+    // its default 200 ms interval): does the backup keep up with the durable append rate?
+    {
+        let backup = Arc::new(
+            pdledger::backup::Continuous::spawn(pd.ledger.clone(), &tmp.path().join("backup"), BACKUP_INTERVAL)
+                .expect("start the continuous backup"),
+        );
+        let subjects = pd.create_subjects(CONNECTIONS).await;
+        let templates = subjects
+            .iter()
+            .map(|s| pd.request(Method::POST, &format!("/v1/subjects/{s}/events"), Some(&append_body)))
+            .collect();
+        let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let sampler = {
+            let (backup, sampling) = (backup.clone(), sampling.clone());
+            tokio::spawn(async move {
+                let mut max_lag = 0;
+                while sampling.load(Ordering::Relaxed) {
+                    max_lag = max_lag.max(backup.status().lag_records);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                max_lag
+            })
+        };
+        let r = scenario("append (http, backup)", &pd.http, templates, warmup, measure).await;
+        sampling.store(false, Ordering::Relaxed);
+        let max_lag = sampler.await.expect("lag sampler");
+        // Then the backup catches up with everything acknowledged.
+        let head = pd.ledger.head().expect("head").0;
+        let t = Instant::now();
+        while backup.status().last_position < head && t.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let status = backup.status();
+        // Each append is two records (the event and its audit entry).
+        let lag_ms = max_lag as f64 / (2.0 * r.rps()) * 1000.0;
+        println!(
+            "continuous backup during {}: max lag {max_lag} records (about {lag_ms:.0} ms of appends at {:.0}/s), \
+             caught up with head {head} {:.0} ms after the run, failing: {}",
+            r.name,
+            r.rps(),
+            t.elapsed().as_secs_f64() * 1000.0,
+            status.error.is_some()
+        );
+        assert!(status.last_position >= head, "the backup did not catch up: {} < {head}", status.last_position);
         results.push(r);
     }
 
@@ -532,6 +584,7 @@ fn report(results: &[ScenarioResult]) {
     for (a, b) in [
         ("append (http)", "echo"),
         ("append (tls)", "append (http)"),
+        ("append (http, backup)", "append (http)"),
         ("read (http)", "echo"),
         ("read (tls)", "read (http)"),
     ] {
