@@ -328,6 +328,27 @@ impl From<AuthError> for ApiError {
     }
 }
 
+/// An optional field of a JSON body that may be left out but is never `null`: the document
+/// says a string (or a number), and `null` is neither.
+fn not_null<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// A whole number that may be written with a zero fraction (`7.0` is the number 7 in JSON
+/// and in JSON Schema), never `null`.
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    use serde::de::Error;
+    let n = serde_json::Number::deserialize(d)?;
+    if let Some(v) = n.as_u64() {
+        return Ok(Some(v));
+    }
+    match n.as_f64() {
+        // 2^64 is the first value past u64::MAX (and exactly representable).
+        Some(f) if f.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&f) => Ok(Some(f as u64)),
+        _ => Err(D::Error::custom("expected a whole number from 0 to 2^64 - 1")),
+    }
+}
+
 /// A JSON body whose every rejection uses our error shape.
 pub struct ApiJson<T>(pub T);
 
@@ -383,6 +404,16 @@ mod tests {
         assert_eq!(e, "events: invalid type: string \"…\", expected a sequence");
         assert!(!e.contains("Anna"));
     }
+
+    #[test]
+    fn subject_ids_are_taken_hyphenated_only() {
+        let id = "67e55044-10b1-426f-9247-bb680e5fe0c8";
+        assert!(super::hyphenated(id).is_some());
+        assert!(super::hyphenated(&id.to_uppercase()).is_some());
+        for other in [id.replace('-', ""), format!("{{{id}}}"), format!("urn:uuid:{id}"), String::new()] {
+            assert_eq!(super::hyphenated(&other), None, "{other}");
+        }
+    }
 }
 
 pub struct ApiQuery<T>(pub T);
@@ -397,6 +428,21 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
+/// A UUID as the API writes them, hyphenated: `Uuid`'s parser also takes the simple, braced
+/// and URN forms, which the document's `format: uuid` does not.
+fn hyphenated(s: &str) -> Option<Uuid> {
+    if s.len() != 36 {
+        return None;
+    }
+    Uuid::try_parse(s).ok()
+}
+
+/// A query parameter that is a UUID, hyphenated.
+fn hyphenated_uuid<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Uuid>, D::Error> {
+    let s = String::deserialize(d)?;
+    hyphenated(&s).map(Some).ok_or_else(|| serde::de::Error::custom("not a hyphenated UUID"))
+}
+
 /// The subject id in the path.
 pub struct SubjectId(pub Uuid);
 
@@ -404,7 +450,7 @@ impl<S: Send + Sync> FromRequestParts<S> for SubjectId {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
         let id = path_param(parts, state, "id").await?;
-        Uuid::try_parse(&id).map(SubjectId).map_err(|_| ApiError::bad_request("the subject id is not a UUID"))
+        hyphenated(&id).map(SubjectId).ok_or_else(|| ApiError::bad_request("the subject id is not a UUID"))
     }
 }
 
@@ -474,6 +520,10 @@ impl Routes {
         summary: &'static str,
         handler: H,
     ) -> Routes {
+        assert!(
+            crate::api_doc::is_documented(method.as_str(), path),
+            "{method} {path} has no shapes in api_doc.rs: document it there first"
+        );
         let guard = middleware::from_fn_with_state((self.state.clone(), permission, path), authorize);
         let filter = MethodFilter::try_from(method.clone()).expect("a standard method");
         let route: MethodRouter<AppState> = on(filter, handler);
@@ -746,8 +796,9 @@ struct LoginBody {
     password: String,
 }
 
+/// Lengths are counted in characters, as the OpenAPI document's `maxLength` counts them.
 fn check_len(what: &str, s: &str, max: usize) -> Result<(), ApiError> {
-    if s.len() > max {
+    if s.chars().count() > max {
         return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", format!("{what} is too long")));
     }
     Ok(())
@@ -947,11 +998,11 @@ async fn subject_create(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LookupParams {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     email: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     personal_number: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     org_number: Option<String>,
 }
 
@@ -1010,7 +1061,7 @@ async fn find_subjects(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AppendBody {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole_number")]
     expected_version: Option<u64>,
     events: Vec<NewEvent>,
 }
@@ -1020,7 +1071,7 @@ struct AppendBody {
 struct NewEvent {
     #[serde(rename = "type")]
     event_type: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     occurred_at: Option<String>,
     data: Value,
 }
@@ -1183,7 +1234,9 @@ async fn feed(
         let (events, next) = tokio::task::spawn_blocking(move || {
             let mut out = vec![];
             let mut next = after;
-            for (scanned, entry) in ledger.log(after + 1).enumerate() {
+            // after_position may be the largest position there can be: nothing comes after it.
+            let Some(from) = after.checked_add(1) else { return Ok((out, next)) };
+            for (scanned, entry) in ledger.log(from).enumerate() {
                 let entry = entry?;
                 next = entry.header.position;
                 let wanted = entry.header.kind == crate::record::Kind::Sealed
@@ -1318,6 +1371,12 @@ async fn export(
     Ok(axum::Json(extract).into_response())
 }
 
+/// An erasure's reason, as sent: 1 to 200 characters, not all blank, no control characters
+/// (what the document's pattern says). It is kept trimmed.
+pub(crate) fn reason_is_valid(reason: &str) -> bool {
+    !reason.trim().is_empty() && reason.chars().count() <= 200 && !reason.chars().any(char::is_control)
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EraseBody {
@@ -1362,14 +1421,14 @@ async fn erase(
     SubjectId(subject): SubjectId,
     ApiJson(body): ApiJson<EraseBody>,
 ) -> Result<Response, ApiError> {
-    let reason = body.reason.trim();
-    if reason.is_empty() || reason.chars().count() > 200 || reason.chars().any(char::is_control) {
+    if !reason_is_valid(&body.reason) {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid",
             "reason must be 1..=200 characters without control characters; it is kept in clear: no personal data",
         ));
     }
+    let reason = body.reason.trim();
     if let Some(e) = state.ledger.erasure(subject)? {
         write_audit(&state, &caller.username, vec![entry(&ctx, Action::Erase, Some(subject), Outcome::Ok)]).await?;
         return Ok(axum::Json(receipt(&e, &state.retention)).into_response());
@@ -1492,7 +1551,7 @@ struct ViewListParams {
     #[serde(default)]
     limit: Option<usize>,
     /// The last subject id of the previous page.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "hyphenated_uuid")]
     cursor: Option<Uuid>,
 }
 
@@ -1532,7 +1591,7 @@ async fn view_list(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AuditParams {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "hyphenated_uuid")]
     subject: Option<Uuid>,
     #[serde(default)]
     actor: Option<String>,
@@ -1658,8 +1717,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
-async fn openapi_doc(Extension(table): Extension<Arc<Vec<RouteInfo>>>) -> Response {
-    axum::Json(crate::api_doc::document(&table)).into_response()
+async fn openapi_doc(State(state): State<AppState>, Extension(table): Extension<Arc<Vec<RouteInfo>>>) -> Response {
+    axum::Json(crate::api_doc::document(&table, &crate::api_doc::Facts::of(&state))).into_response()
 }
 
 /// Convenience for tests and tools: the routes as (METHOD, path, permission).

@@ -40,6 +40,30 @@ pub enum Action {
 }
 
 impl Action {
+    /// Every action, for the API's document (the `action` filter's values).
+    pub const ALL: [Action; 20] = [
+        Action::Login,
+        Action::LoginFailed,
+        Action::Logout,
+        Action::Append,
+        Action::Read,
+        Action::Lookup,
+        Action::View,
+        Action::Export,
+        Action::Erase,
+        Action::Restrict,
+        Action::Unrestrict,
+        Action::UserCreated,
+        Action::UserDisabled,
+        Action::KeysRotated,
+        Action::Backup,
+        Action::Denied,
+        Action::SubjectCreated,
+        Action::TotpEnrolled,
+        Action::TotpActivated,
+        Action::Verify,
+    ];
+
     pub fn name(self) -> String {
         serde_json::to_value(self).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
     }
@@ -197,4 +221,41 @@ pub fn position_at_time(store: &Store, head: Position, ms: u64) -> Result<Positi
         }
     }
     Ok(lo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Action;
+
+    #[test]
+    fn all_lists_every_action_once() {
+        let names: std::collections::BTreeSet<String> = Action::ALL.iter().map(|a| a.name()).collect();
+        assert_eq!(names.len(), Action::ALL.len());
+        for a in Action::ALL {
+            assert_eq!(a.name().parse::<Action>(), Ok(a));
+            // A new action stops this match from compiling: add it to `ALL` too.
+            match a {
+                Action::Login
+                | Action::LoginFailed
+                | Action::Logout
+                | Action::Append
+                | Action::Read
+                | Action::Lookup
+                | Action::View
+                | Action::Export
+                | Action::Erase
+                | Action::Restrict
+                | Action::Unrestrict
+                | Action::UserCreated
+                | Action::UserDisabled
+                | Action::KeysRotated
+                | Action::Backup
+                | Action::Denied
+                | Action::SubjectCreated
+                | Action::TotpEnrolled
+                | Action::TotpActivated
+                | Action::Verify => {}
+            }
+        }
+    }
 }

@@ -64,9 +64,15 @@ pub fn parse_timestamp(s: &str) -> Option<u64> {
     let mut ms = days.checked_mul(86_400_000)?;
     if !rest.is_empty() {
         let t = rest.strip_prefix('T')?.strip_suffix('Z')?;
-        let (hms, frac) = t.split_once('.').unwrap_or((t, ""));
+        // Digits only: no signs, no empty fraction after the dot.
+        let digits = |p: &str| !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit());
+        let (hms, frac) = match t.split_once('.') {
+            Some((hms, frac)) if digits(frac) => (hms, frac),
+            Some(_) => return None,
+            None => (t, ""),
+        };
         let parts: Vec<&str> = hms.split(':').collect();
-        if parts.len() != 3 || parts.iter().any(|p| p.len() != 2) {
+        if parts.len() != 3 || parts.iter().any(|p| p.len() != 2 || !digits(p)) {
             return None;
         }
         let n: Vec<i64> = parts.iter().map(|p| p.parse().ok()).collect::<Option<_>>()?;
@@ -103,6 +109,9 @@ mod tests {
         assert_eq!(parse_date("2023-13-01"), None);
         assert_eq!(parse_date("2023-1-01"), None);
         assert_eq!(parse_timestamp("2023-01-01T25:00:00Z"), None);
+        for signed in ["2023-01-01T+1:00:00Z", "2023-01-01T00:00:00.-5Z", "2023-01-01T00:00:00.Z"] {
+            assert_eq!(parse_timestamp(signed), None, "{signed}");
+        }
     }
 
     #[test]

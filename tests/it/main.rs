@@ -10,6 +10,7 @@
 //!   directory: acknowledged appends and erasures survive, nothing erased is readable.
 //! - `diskfull`: the server on a small tmpfs filled by appends: 507, reads go on, appends resume.
 //! - `console`: the DPO console: its files and headers, and end to end in headless Chromium.
+//! - `schemathesis`: API fuzzing of the real server against its own OpenAPI document.
 
 mod support;
 
@@ -25,6 +26,7 @@ mod export;
 mod http;
 mod reliability;
 mod retention;
+mod schemathesis;
 mod server;
 mod soak;
 mod views;
