@@ -56,10 +56,20 @@ pub enum StoreError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("the store in {dir} is damaged and cannot be opened: {detail}. Run `pdledger verify --data {dir}` for where, or restore from a backup")]
     Damaged { dir: PathBuf, detail: String },
-    #[error("storage error: {0}")]
+    #[error("{}", sled_message(.0))]
     Sled(#[from] sled::Error),
     #[error("metadata {0} is damaged")]
     Meta(&'static str),
+}
+
+/// sled's errors in the ledger's words: damage is called damage, with what to do about it.
+fn sled_message(e: &sled::Error) -> String {
+    match e {
+        sled::Error::Corruption { .. } => format!(
+            "the store is damaged ({e}): run `pdledger verify` for the first damaged position, or restore from a backup"
+        ),
+        _ => format!("storage error: {e}"),
+    }
 }
 
 /// A value read from the store.

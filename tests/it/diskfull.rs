@@ -47,7 +47,7 @@ fn free_bytes(dir: &Path) -> u64 {
 
 /// A file that takes all but `leave` bytes of the file system's free space.
 fn fill_leaving(dir: &Path, leave: u64) -> PathBuf {
-    let path = dir.join("filler");
+    let path = (0..).map(|i| dir.join(format!("filler-{i}"))).find(|p| !p.exists()).unwrap();
     let take = free_bytes(dir).saturating_sub(leave);
     let f = std::fs::File::create(&path).unwrap();
     // Written, not just sized: tmpfs counts only pages that exist.
@@ -168,7 +168,10 @@ async fn disk_full_refuses_appends_cleanly_reads_go_on_and_appends_resume() {
     );
     assert!(acked_total > 100, "the appends should have used the space left: {acked_total}");
 
-    // Still full: appends refused, reads, logins and an erasure go on.
+    // Kept full, whatever sled reclaims meanwhile: free space held between the reserve's
+    // quarter and the floor. Appends are refused; reads, logins and an erasure go on.
+    let topup = fill_leaving(&s.data(), (FLOOR_MB << 20) / 2);
+    assert!(free_bytes(&s.data()) < FLOOR_MB << 20);
     let body = json!({"events": [{"type": "note.added", "data": {"text": "refused"}}]});
     let (status, b) = client.call("POST", &format!("/v1/subjects/{read_me}/events"), Some(&staff), Some(body)).await;
     assert_eq!(status, 507, "{b}");
@@ -182,6 +185,7 @@ async fn disk_full_refuses_appends_cleanly_reads_go_on_and_appends_resume() {
 
     // Space freed: appends work again, with nothing but a retry.
     std::fs::remove_file(&filler).unwrap();
+    std::fs::remove_file(&topup).unwrap();
     let body = json!({"events": [{"type": "note.added", "data": {"text": "after"}}]});
     let (status, b) = client.call("POST", &format!("/v1/subjects/{read_me}/events"), Some(&staff), Some(body)).await;
     assert_eq!(status, 201, "appends resume once space is freed: {b}");

@@ -6,7 +6,8 @@
 //! authentication.
 //!
 //! schemathesis must be installed: `.ci/run` puts the pinned version in a virtualenv and
-//! names it in `PDLEDGER_SCHEMATHESIS`; otherwise `schemathesis` on the PATH is used. The test
+//! names it in `PDLEDGER_SCHEMATHESIS`; otherwise that virtualenv (`~/.cache/pdledger-venv`), then
+//! `schemathesis` on the PATH, is used. The test
 //! fails without it, unless `PDLEDGER_SKIP_SCHEMATHESIS=1` (it then says loudly that it
 //! skipped). The per-operation allowances are in `tests/schemathesis.toml`, each with its
 //! reason.
@@ -45,9 +46,13 @@ const EXAMPLES: &str = "100";
 
 /// The schemathesis executable, if there is one.
 fn schemathesis() -> Option<PathBuf> {
-    let exe = std::env::var_os("PDLEDGER_SCHEMATHESIS").map(PathBuf::from).unwrap_or_else(|| "schemathesis".into());
-    let out = Command::new(&exe).arg("--version").output().ok()?;
-    out.status.success().then_some(exe)
+    // Named, or where `.ci/run` installs it, or on the PATH.
+    let venv = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/pdledger-venv/bin/schemathesis"));
+    let candidates = match std::env::var_os("PDLEDGER_SCHEMATHESIS") {
+        Some(named) => vec![PathBuf::from(named)],
+        None => venv.into_iter().chain([PathBuf::from("schemathesis")]).collect(),
+    };
+    candidates.into_iter().find(|exe| Command::new(exe).arg("--version").output().is_ok_and(|out| out.status.success()))
 }
 
 /// One schemathesis run: who it runs as, which operations.
