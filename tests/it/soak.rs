@@ -1,11 +1,13 @@
 //! A soak test: the real server under mixed traffic from several roles for a bounded time
 //! (`PDLEDGER_SOAK_SECS`, default 60; the 10-minute run is `PDLEDGER_SOAK_SECS=600 cargo test
-//! --test it soak -- --nocapture`). Zero 5xx and open files flat are asserted. Memory: the
-//! issue's goal is growth under 10% after warm-up; measured here it is about 30% over the
-//! measuring window of a write-heavy mix (the store grows by tens of thousands of records a
-//! minute and sled's in-memory structures with it; on a busy machine up to 60%), so the
+//! --test it soak -- --nocapture`). Zero 5xx and open files flat are asserted, and the RSS
+//! curve is printed in tenths of the run. Memory: the goal is growth under 10% after
+//! warm-up. With glibc's malloc tuned (`main.rs`) the 10-minute run measures about +37% after
+//! the 150 s warm-up, at a level a third of before (210 → 288 MB): sled's 64 MiB page cache
+//! filling in the first minutes, then a slow creep of about 0.13 MB/s while the store grows by
+//! gigabytes (sled's in-memory page table and segment bookkeeping grow with it). So the
 //! assertion is the looser bound of doubling, which still catches a leak per request, and the
-//! figure is printed and recorded in docs/RELIABILITY.md as the goal not met.
+//! figure is recorded in docs/RELIABILITY.md as the goal not met.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -110,8 +112,15 @@ async fn soak_mixed_traffic_no_errors_flat_memory_and_files() {
     let warm = Duration::from_secs((secs / 4).max(10).min(secs));
     tokio::time::sleep(warm).await; // the load's duration, not synchronisation
     let (rss0, files0) = (rss_kb(pid), open_files(pid));
-    tokio::time::sleep(Duration::from_secs(secs).saturating_sub(started.elapsed())).await;
+    // The curve, in tenths of the run: a bounded cache filling flattens, a leak does not.
+    let mut curve = vec![];
+    for tenth in 1..=10u32 {
+        let until = Duration::from_secs(secs) * tenth / 10;
+        tokio::time::sleep(until.saturating_sub(started.elapsed())).await;
+        curve.push(format!("{}s {}MB", started.elapsed().as_secs(), rss_kb(pid) / 1024));
+    }
     let (rss1, files1) = (rss_kb(pid), open_files(pid));
+    eprintln!("soak RSS: {}", curve.join(", "));
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.unwrap();
