@@ -350,5 +350,51 @@ fn rights(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, durable_append, single_append, read, primitives, rights);
+/// Key rotation's re-wrap beside raw sled doing the same writes: every subject key of a store
+/// read, unwrapped, wrapped under the new generation and written back, against iterating a
+/// sled tree of as many 18-byte keys and 76-byte values (a wrapped key's sizes) and
+/// overwriting each. Only the re-wrap step is timed on the ledger side (`Rotated::
+/// rewrap_seconds`); the index step is reported by `rights_*/rotate_all_keys`.
+fn rotation(c: &mut Criterion) {
+    let tmp = tempfile::tempdir().unwrap();
+    let ledger = open_ledger(tmp.path());
+    let input: Vec<u8> = {
+        let mut v = vec![];
+        pdledger::generate::write(&mut v, 40_000, 20_000, 7).unwrap();
+        v
+    };
+    pdledger::import::import(&ledger, std::io::Cursor::new(input), 1000, "bench", |_| {}).unwrap();
+    let keys = ledger.rotate().unwrap().keys;
+    let mut g = c.benchmark_group("rotation");
+    g.sample_size(10).measurement_time(Duration::from_secs(10)).throughput(Throughput::Elements(keys));
+    g.bench_function(format!("rewrap_{keys}_keys"), |b| {
+        b.iter_custom(|iters| {
+            (0..iters).map(|_| Duration::from_secs_f64(ledger.rotate().unwrap().rewrap_seconds)).sum()
+        })
+    });
+    let raw_dir = tempfile::tempdir().unwrap();
+    let (db, tree, _) = open_raw(raw_dir.path());
+    for i in 0..keys {
+        let mut k = vec![b'K'];
+        k.extend_from_slice(Uuid::from_u128(i as u128 * 0x9e37_79b9_7f4a_7c15).as_bytes());
+        k.push(1);
+        tree.insert(k, vec![7u8; 76]).unwrap();
+    }
+    db.flush().unwrap();
+    g.bench_function(format!("sled_raw_overwrite_{keys}_values"), |b| {
+        b.iter_custom(|iters| {
+            let t = Instant::now();
+            for round in 0..iters {
+                for kv in tree.iter() {
+                    let (k, _) = kv.unwrap();
+                    tree.insert(k, vec![round as u8; 76]).unwrap();
+                }
+            }
+            t.elapsed()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, durable_append, single_append, read, primitives, rights, rotation);
 criterion_main!(benches);
