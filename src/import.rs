@@ -90,7 +90,9 @@ fn read_line<R: BufRead>(r: &mut R, buf: &mut Vec<u8>) -> Result<Option<bool>, s
     Ok(Some(true))
 }
 
-fn parse_line(ledger: &Ledger, bytes: &[u8]) -> Result<(Uuid, Op), String> {
+/// Parses one line and checks its event against the schemas (nothing is written). Public for
+/// the fuzz target `import_line` (`fuzz/`).
+pub fn parse_line(ledger: &Ledger, bytes: &[u8]) -> Result<(Uuid, Op), String> {
     let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_owned())?;
     let line: Line = serde_json::from_str(text.trim_end()).map_err(|e| {
         // serde's messages can quote input; keep only its classification and column.
@@ -219,7 +221,8 @@ pub fn import(
     })
 }
 
-/// Fuzzing the JSON Lines parser (proptest in place of cargo-fuzz): arbitrary bytes and
+/// Fuzzing the JSON Lines parser (proptest, in every test run; cargo-fuzz runs the same
+/// parser longer, by hand: `fuzz/run.sh`, target `import_line`): arbitrary bytes and
 /// mutations of the sample register's lines are refused or accepted, never a panic, and an
 /// error message never quotes the input.
 #[cfg(test)]

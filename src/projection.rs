@@ -460,7 +460,9 @@ impl Ctx<'_> {
     }
 }
 
-fn parse_view(file: &str, stem: &str, text: &str, schemas: &Schemas) -> Result<View, ProjectionError> {
+/// Parses one view definition, `text` of the file `file` whose stem is `stem`, against the
+/// schemas. Public for the fuzz target `projection_def` (`fuzz/`).
+pub fn parse_view(file: &str, stem: &str, text: &str, schemas: &Schemas) -> Result<View, ProjectionError> {
     let doc: Value = serde_json::from_str(text).map_err(|e| {
         // serde_json ends its message with the position; the line goes in front instead.
         let full = e.to_string();
@@ -1407,7 +1409,8 @@ mod tests {
     }
 }
 
-/// Fuzzing the definition parser (proptest in place of cargo-fuzz): arbitrary text and
+/// Fuzzing the definition parser (proptest, in every test run; cargo-fuzz runs the same parser
+/// longer, by hand: `fuzz/run.sh`, target `projection_def`): arbitrary text and
 /// mutations of the shipped definitions are refused with a file and line, or accepted; never a
 /// panic.
 #[cfg(test)]

@@ -341,9 +341,10 @@ mod tests {
     }
 }
 
-/// Fuzzing the decoder of stored bytes (proptest stands in for cargo-fuzz, which needs a
-/// nightly toolchain this project does not use): arbitrary bytes and mutations of valid
-/// records never panic, and whatever decodes re-encodes to a record that decodes the same.
+/// Fuzzing the decoder of stored bytes (proptest, in every test run; cargo-fuzz runs the same
+/// decoder longer, by hand: `fuzz/run.sh`, target `record_decode`): arbitrary bytes and
+/// mutations of valid records never panic, and whatever decodes re-encodes to a record that
+/// decodes the same.
 #[cfg(test)]
 mod fuzz {
     use super::*;
