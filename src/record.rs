@@ -284,7 +284,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn header(position: u64) -> Header {
+    pub(super) fn header(position: u64) -> Header {
         Header {
             kind: Kind::Sealed,
             flags: FLAG_COMMIT,
@@ -351,19 +351,7 @@ mod fuzz {
     use proptest::prelude::*;
 
     fn seed() -> Vec<u8> {
-        let h = Header {
-            kind: Kind::Sealed,
-            flags: FLAG_COMMIT,
-            position: 7,
-            subject: Uuid::from_u128(42),
-            version: 3,
-            recorded_at_ms: 1_700_000_000_000,
-            key_gen: 1,
-            category: 1,
-            schema_version: 1,
-            event_type: "customer.registered".into(),
-            actor: "import".into(),
-        };
+        let h = Header { subject: Uuid::from_u128(42), ..super::tests::header(7) };
         encode(&h, &[9; NONCE_LEN], b"ciphertext bytes", &ChainHash::GENESIS).0
     }
 
