@@ -275,6 +275,17 @@ fn primitives(c: &mut Criterion) {
     let key = pdledger::crypto::SubjectKey::generate().unwrap();
     let plain = vec![7u8; VALUE_BYTES];
     g.bench_function("xchacha20poly1305_seal_512B", |b| b.iter(|| key.seal(b"aad", &plain).unwrap()));
+    // Poly1305's backend (see .cargo/config.toml): compare with a build without the cfg,
+    // `CARGO_TARGET_DIR=target/avx2 RUSTFLAGS= cargo bench --bench ledger -- primitives/`.
+    for size in [32usize, 2048, 8192] {
+        let plain = vec![7u8; size];
+        g.bench_function(format!("xchacha20poly1305_seal_{size}B"), |b| b.iter(|| key.seal(b"aad", &plain).unwrap()));
+    }
+    let master = pdledger::crypto::MasterKey::generate(1).unwrap();
+    let subject = Uuid::from_u128(7);
+    let wrapped = master.wrap(subject, 1, &key).unwrap();
+    g.bench_function("wrap_subject_key", |b| b.iter(|| master.wrap(subject, 1, &key).unwrap()));
+    g.bench_function("unwrap_subject_key", |b| b.iter(|| master.unwrap(subject, 1, &wrapped).unwrap()));
     let header = pdledger::record::Header {
         kind: pdledger::record::Kind::Sealed,
         flags: 0,
