@@ -304,7 +304,13 @@ struct Op {
     text: String,
     path: Vec<Segment>,
     value: Option<Expr>,
+    /// `append` only: the list keeps its newest `keep_last` elements (a bound on the document,
+    /// which is rewritten whole by every event that touches it).
+    keep_last: Option<usize>,
 }
+
+/// The largest `keep_last` a definition may give.
+const KEEP_LAST_MAX: u64 = 10_000;
 
 impl Op {
     fn canonical(&self) -> Value {
@@ -312,6 +318,9 @@ impl Op {
         v.insert(self.kind.name().into(), self.text.clone().into());
         if let Some(e) = &self.value {
             v.insert("value".into(), e.canonical());
+        }
+        if let Some(n) = self.keep_last {
+            v.insert("keep_last".into(), n.into());
         }
         Value::Object(v)
     }
@@ -347,7 +356,14 @@ impl Op {
                     }
                 }
             }
-            OpKind::Append => array(slot(doc, &self.path, &keys)).push(value),
+            OpKind::Append => {
+                let list = array(slot(doc, &self.path, &keys));
+                list.push(value);
+                if let Some(keep) = self.keep_last {
+                    let excess = list.len().saturating_sub(keep);
+                    list.drain(..excess);
+                }
+            }
             OpKind::Add | OpKind::Subtract => {
                 let Some(n) = value.as_i64() else { return };
                 let target = slot(doc, &self.path, &keys);
@@ -553,13 +569,16 @@ fn parse_op(cx: &Ctx<'_>, op_at: &At, op: &Value, schema: &EventSchema) -> Resul
     };
     let mut found: Option<(OpKind, &str, &Value)> = None;
     for (key, v) in fields {
-        if key == "value" {
+        if key == "value" || key == "keep_last" {
             continue;
         }
         let Some((_, kind)) = OPERATIONS.iter().find(|(n, _)| n == key) else {
             return Err(cx.err(
                 &at(op_at, key),
-                format!("unknown key `{key}` in an operation (operations: {}; plus `value`)", names()),
+                format!(
+                    "unknown key `{key}` in an operation (operations: {}; plus `value` and, for `append`, `keep_last`)",
+                    names()
+                ),
             ));
         };
         if let Some((_, first, _)) = found {
@@ -602,7 +621,16 @@ fn parse_op(cx: &Ctx<'_>, op_at: &At, op: &Value, schema: &EventSchema) -> Resul
         }
         _ => {}
     }
-    Ok(Op { kind, text: text.clone(), path, value })
+    let keep_at = at(op_at, "keep_last");
+    let keep_last = match (kind, fields.get("keep_last")) {
+        (_, None) => None,
+        (OpKind::Append, Some(v)) => match v.as_u64() {
+            Some(n @ 1..=KEEP_LAST_MAX) => Some(n as usize),
+            _ => return Err(cx.err(&keep_at, format!("`keep_last` must be an integer from 1 to {KEEP_LAST_MAX}"))),
+        },
+        (_, Some(_)) => return Err(cx.err(&keep_at, format!("`keep_last` belongs to `append`, not `{key}`"))),
+    };
+    Ok(Op { kind, text: text.clone(), path, value, keep_last })
 }
 
 /// False for expressions that can never give an integer (they would always be skipped).
@@ -1068,6 +1096,30 @@ mod tests {
             let line = format!(r#"    "invoice.issued": [{{"set": "a", "value": "{bad}"}}]"#);
             refused("v", &def(&[&line]), 5, "declares no field");
         }
+    }
+
+    #[test]
+    fn keep_last_bounds_an_appended_list_and_is_checked() {
+        let v = view(&[r#"    "note.added": [{"append": "notes", "value": "/text", "keep_last": 2}]"#]);
+        let mut doc = json!({});
+        for t in ["a", "b", "c"] {
+            assert!(v.apply(&mut doc, &ev("note.added", &json!({ "text": t }))));
+        }
+        assert_eq!(doc, json!({"notes": ["b", "c"]}));
+        // Part of the definition's identity: a changed bound rebuilds the stored documents.
+        let fp = |n: u32| {
+            let text =
+                def(&[&format!(r#"    "note.added": [{{"append": "notes", "value": "/text", "keep_last": {n}}}]"#)]);
+            load("v", &text).unwrap().fingerprint()
+        };
+        assert_ne!(fp(2), fp(3));
+        for bad in ["0", "-1", "1.5", "\"2\"", "10001"] {
+            let text =
+                def(&[&format!(r#"    "note.added": [{{"append": "notes", "value": "/text", "keep_last": {bad}}}]"#)]);
+            refused("v", &text, 5, "`keep_last` must be an integer from 1 to 10000");
+        }
+        let text = def(&[r#"    "note.added": [{"set": "last", "value": "/text", "keep_last": 2}]"#]);
+        refused("v", &text, 5, "`keep_last` belongs to `append`, not `set`");
     }
 
     #[test]
