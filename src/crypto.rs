@@ -3,13 +3,14 @@
 //! Keys are built only here, never printed (their `Debug` is redacted), and zeroized on drop.
 //! Sealing is XChaCha20-Poly1305 with a random 192-bit nonce per call, so there is no nonce
 //! bookkeeping to get wrong. Nonces come from the operating system's random source in blocks
-//! of 256 per thread (one system call per block instead of one per nonce, a third of the cost
-//! of wrapping a key); a nonce is public and each is handed out once. pdledger never forks,
-//! which is what would make two processes share a block.
+//! of 256 per thread (one system call per block instead of one of about 0.4 µs per nonce); a
+//! nonce is public and each is handed out once. pdledger never forks (a child it spawns execs
+//! at once), which is what would make two processes share a block.
 //!
 //! Poly1305 runs its portable backend (`--cfg poly1305_force_soft` in `.cargo/config.toml`):
-//! measured here, the AVX2 backend's set-up costs about 1.3 µs a message, which made a 32-byte
-//! key wrap 3.7x and a 500-byte event 1.5x slower; it only pays off above about 2.5 KB.
+//! measured here, the AVX2 backend's set-up costs about 1.3 µs a message, which made wrapping
+//! a key 3.3x and sealing a 512-byte event 2x slower; it only pays off above about 2.5 KB
+//! (docs/BENCHMARKS.md, the rotation section).
 
 use chacha20poly1305::aead::{Aead, Payload};
 use chacha20poly1305::{KeyInit, XChaCha20Poly1305, XNonce};
