@@ -18,6 +18,8 @@
 //! comparing scenarios with each other, not a server's capacity on its own hardware.
 //!
 //! Run: `cargo bench --bench http_load` (or `PDLEDGER_LOAD_SECS=5 cargo bench --bench http_load`).
+//! `PDLEDGER_LOAD_ONLY=read` (or `append`, `backup`, comma-separated) runs only those scenarios
+//! beside the echo baseline, for profiling one of them.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -41,6 +43,10 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
 use uuid::Uuid;
+
+/// The allocator the binary runs with (`src/main.rs`), so that these figures are the server's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const CONNECTIONS: usize = 64;
 const WARMUP: Duration = Duration::from_secs(1);
@@ -103,8 +109,14 @@ async fn run(measure: Duration, warmup: Duration) {
     let templates = (0..CONNECTIONS).map(|_| echo_request("/echo", &echo_body)).collect();
     results.push(scenario("echo", &echo, templates, warmup, measure).await);
 
+    let only = std::env::var("PDLEDGER_LOAD_ONLY").ok();
+    let wanted = |kind: &str| only.as_deref().is_none_or(|o| o.split(',').any(|k| k.trim() == kind));
+
     // 2, 3. append
     for (name, target) in [("append (http)", &pd.http), ("append (tls)", &pd.tls)] {
+        if !wanted("append") {
+            break;
+        }
         let subjects = pd.create_subjects(CONNECTIONS).await;
         let templates = subjects
             .iter()
@@ -124,7 +136,7 @@ async fn run(measure: Duration, warmup: Duration) {
 
     // 3b. append over plain HTTP with the continuous backup running (`serve --backup-dir`,
     // its default 200 ms interval): does the backup keep up with the durable append rate?
-    {
+    if wanted("backup") {
         let backup = Arc::new(
             pdledger::backup::Continuous::spawn(pd.ledger.clone(), &tmp.path().join("backup"), BACKUP_INTERVAL)
                 .expect("start the continuous backup"),
@@ -171,9 +183,36 @@ async fn run(measure: Duration, warmup: Duration) {
     }
 
     // 4, 5. read: subjects of exactly 10 events, one per connection.
+    if wanted("read") {
+        read_scenarios(&pd, &append_note, warmup, measure, &mut results).await;
+    }
+    report(&results);
+    let failed: Vec<_> = results.iter().filter(|r| r.non_2xx > 0 || r.errors > 0).collect();
+    if !failed.is_empty() {
+        for r in &failed {
+            eprintln!(
+                "!!! {}: {} non-2xx, {} transport errors; first: {}",
+                r.name,
+                r.non_2xx,
+                r.errors,
+                r.first_failure.as_deref().unwrap_or("?")
+            );
+        }
+        panic!("{} scenario(s) had failed requests: the numbers above are not valid", failed.len());
+    }
+}
+
+/// The read scenarios: subjects of exactly 10 events, one per connection.
+async fn read_scenarios(
+    pd: &Pd,
+    append_note: &str,
+    warmup: Duration,
+    measure: Duration,
+    results: &mut Vec<ScenarioResult>,
+) {
     let subjects = pd.create_subjects(CONNECTIONS).await;
     let ten = Bytes::from(
-        json!({"events": (0..READ_EVENTS).map(|i| note_body(&append_note, i)["events"][0].clone()).collect::<Vec<_>>()})
+        json!({"events": (0..READ_EVENTS).map(|i| note_body(append_note, i)["events"][0].clone()).collect::<Vec<_>>()})
             .to_string(),
     );
     let mut c = connect(&pd.http).await.expect("connect to pdledger");
@@ -195,21 +234,6 @@ async fn run(measure: Duration, warmup: Duration) {
     }
     for s in &subjects {
         assert_eq!(pd.ledger.stream_version(*s).unwrap(), READ_EVENTS as u64);
-    }
-
-    report(&results);
-    let failed: Vec<_> = results.iter().filter(|r| r.non_2xx > 0 || r.errors > 0).collect();
-    if !failed.is_empty() {
-        for r in &failed {
-            eprintln!(
-                "!!! {}: {} non-2xx, {} transport errors; first: {}",
-                r.name,
-                r.non_2xx,
-                r.errors,
-                r.first_failure.as_deref().unwrap_or("?")
-            );
-        }
-        panic!("{} scenario(s) had failed requests: the numbers above are not valid", failed.len());
     }
 }
 

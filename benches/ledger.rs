@@ -20,6 +20,10 @@ use pdledger::ledger::{Ledger, OpenOptions};
 use serde_json::json;
 use uuid::Uuid;
 
+/// The allocator the binary runs with (`src/main.rs`), so that these figures are the server's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const APPENDERS: usize = 64;
 const VALUE_BYTES: usize = 512;
 
