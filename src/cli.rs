@@ -98,6 +98,7 @@ enum Command {
         /// checks that the log still contains it (catches truncation and rollback).
         #[arg(long)]
         anchor: Option<Anchor>,
+        /// Print the result as one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -110,6 +111,7 @@ enum Command {
         data: DataArgs,
         #[command(flatten)]
         keys: KeyArgs,
+        /// One subject's events and views (its id), instead of the whole log.
         #[arg(long)]
         subject: Option<Uuid>,
         /// With --subject: stop at this log position, or at this time (YYYY-MM-DD for midnight
@@ -119,6 +121,7 @@ enum Command {
         /// Rebuild every view from the log (progress on a terminal).
         #[arg(long, conflicts_with = "subject")]
         rebuild: bool,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -127,6 +130,7 @@ enum Command {
     Audit {
         #[command(flatten)]
         data: DataArgs,
+        /// Entries about this subject (its id): who read or changed its data.
         #[arg(long)]
         subject: Option<Uuid>,
         /// The username of the caller.
@@ -145,6 +149,7 @@ enum Command {
         /// Most entries to print.
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// One JSON object per entry and line, instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -183,6 +188,7 @@ enum Command {
     /// categories, purposes, retention, recipients and the access history. It holds personal
     /// data in clear: `-o` writes it owner-only (0600).
     Export {
+        /// The subject's id.
         subject: Uuid,
         /// json (machine-readable, schemas/export/extract.v1.json), html (a page a person can
         /// read), or import (JSON Lines that `pdledger import` takes into another ledger).
@@ -200,6 +206,7 @@ enum Command {
     /// entries deleted, then a key rotation that makes every older copy of its keys useless.
     /// Prints the receipt. A second erase prints the same receipt.
     Erase {
+        /// The subject's id.
         subject: Uuid,
         /// Why (kept in clear in the log: a reason code or short text, no personal data).
         #[arg(long)]
@@ -216,9 +223,11 @@ enum Command {
     /// ledger to bring up to date). Works on a stopped data directory and, through its control
     /// socket, while `serve` runs on it. No key needed; the result holds no master key.
     Backup {
+        /// The backup directory: new, empty, or an earlier backup of this ledger.
         dest: PathBuf,
         #[command(flatten)]
         data: DataArgs,
+        /// Print the result as one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -227,6 +236,7 @@ enum Command {
     /// the keyring opens used. Refuses a non-empty directory without --force; leaves nothing
     /// half-written.
     Restore {
+        /// The backup directory to restore from.
         src: PathBuf,
         #[command(flatten)]
         data: DataArgs,
@@ -239,6 +249,7 @@ enum Command {
         /// Replace a non-empty data directory.
         #[arg(long)]
         force: bool,
+        /// Print the result as one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -261,10 +272,13 @@ enum Command {
     /// benchmarks. Deterministic for a given seed.
     #[command(hide = true)]
     Generate {
+        /// How many events to write.
         #[arg(long, default_value_t = 10_000)]
         events: u64,
+        /// Over how many subjects (people and companies).
         #[arg(long, default_value_t = 1_000)]
         subjects: u64,
+        /// The seed: the same seed writes the same register.
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
@@ -282,6 +296,7 @@ enum RetentionCommand {
         /// Act as if it were this time (YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ): for drills and tests.
         #[arg(long, value_parser = parse_time)]
         now: Option<u64>,
+        /// Print the result as one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -291,11 +306,13 @@ enum RetentionCommand {
         data: DataArgs,
         #[command(flatten)]
         keys: KeyArgs,
+        /// Judge inactivity as of this time (YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ) instead of now.
         #[arg(long, value_parser = parse_time)]
         now: Option<u64>,
         /// Erase them, by the same rules as an erasure request (retained categories are held).
         #[arg(long)]
         erase: bool,
+        /// Print the result as one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -310,6 +327,7 @@ enum KeysCommand {
         data: DataArgs,
         #[command(flatten)]
         keys: KeyArgs,
+        /// Print the result as one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -319,7 +337,10 @@ enum KeysCommand {
 enum UserCommand {
     /// Add a user. The password comes from PDLEDGER_PASSWORD, or the first line of standard input.
     Add {
+        /// The username (what they log in with).
         name: String,
+        /// What the user may do: admin, staff, dpo, auditor or service (the README says which
+        /// role may call what).
         #[arg(long)]
         role: crate::auth::Role,
         #[command(flatten)]
@@ -1073,5 +1094,33 @@ pub fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every command and every argument says what it is for in `--help`.
+    #[test]
+    fn every_command_and_argument_has_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            for arg in cmd.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path}: {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() != "help" && sub.get_about().is_none() {
+                    missing.push(format!("{path} {}: no description", sub.get_name()));
+                }
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = vec![];
+        walk(&super::Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "without help text: {missing:#?}");
     }
 }
