@@ -913,9 +913,10 @@ fn project_subject(
 /// Brings the view documents up to the log's head. The writer keeps them current in every
 /// commit (`views_at` = head), so this only has work after the definitions changed, a rebuild
 /// was asked for, or a crash cut one short: then every document is rebuilt, subject by
-/// subject, from the subject's own stream. Each document is built in memory once and written
-/// once (never read back), memory holds one subject at a time, and `views_at` reaches the
-/// head only at the end: a crash during the rebuild starts it over at the next open.
+/// subject, from the subject's own stream, by one worker thread per core (up to four), each
+/// over its own share of the subjects. Each document is built in memory once and written
+/// once (never read back), memory holds a bounded number of documents, and `views_at` reaches
+/// the head only at the end: a crash during the rebuild starts it over at the next open.
 fn catch_up_views(
     shared: &Shared,
     projections: &Arc<Projections>,
@@ -923,6 +924,8 @@ fn catch_up_views(
     progress: Option<&(dyn Fn(Position, Position) + Send + Sync)>,
 ) -> Result<(), OpenError> {
     const FLUSH_DOCS: usize = 10_000;
+    /// Rebuild threads at most (one per core up to this).
+    const REBUILD_WORKERS_MAX: usize = 4;
     let store = &shared.store;
     let head = shared.durable();
     let fingerprint = projections.fingerprint();
@@ -947,26 +950,46 @@ fn catch_up_views(
         return Ok(());
     }
     tracing::info!(removed, head, "rebuilding views from the log");
+    // Subjects are independent: each worker takes a contiguous share of them (in key order,
+    // so its documents are written in order), with its own projector and batches.
+    let subjects: Vec<Uuid> = store.subjects().collect::<Result<_, _>>()?;
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, REBUILD_WORKERS_MAX);
+    let share = subjects.len().div_ceil(workers).max(1);
+    let flush_docs = (FLUSH_DOCS / workers).max(1);
     let master = shared.master();
-    let keys = |s: Uuid, c: u8| shared.keys.get(store, &master, s, c).map_err(|e| e.to_string());
-    let mut projector = Projector::new(projections.clone());
-    let mut done: u64 = 0;
-    let mut batch = WriteBatch::default();
-    for subject in store.subjects() {
-        let subject = subject?;
-        if store.erased(subject)?.is_some() {
-            continue;
-        }
-        done += project_subject(shared, &master, &mut projector, subject, head)?;
-        if projector.len() >= FLUSH_DOCS {
-            projector.flush(&keys, &mut batch).map_err(ReadError::from)?;
-            store.apply(std::mem::take(&mut batch))?;
-            if let Some(p) = progress {
-                p(done, head);
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let rebuild_share = |part: &[Uuid], reports: bool| -> Result<(), OpenError> {
+        let keys = |s: Uuid, c: u8| shared.keys.get(store, &master, s, c).map_err(|e| e.to_string());
+        let mut projector = Projector::new(projections.clone());
+        let mut batch = WriteBatch::default();
+        for &subject in part {
+            if store.erased(subject)?.is_some() {
+                continue;
+            }
+            let n = project_subject(shared, &master, &mut projector, subject, head)?;
+            done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            if projector.len() >= flush_docs {
+                projector.flush(&keys, &mut batch).map_err(ReadError::from)?;
+                store.apply(std::mem::take(&mut batch))?;
+                if let (true, Some(p)) = (reports, progress) {
+                    p(done.load(std::sync::atomic::Ordering::Relaxed), head);
+                }
             }
         }
-    }
-    projector.flush(&keys, &mut batch).map_err(ReadError::from)?;
+        projector.flush(&keys, &mut batch).map_err(ReadError::from)?;
+        store.apply(batch)?;
+        Ok(())
+    };
+    std::thread::scope(|scope| {
+        let rebuild_share = &rebuild_share;
+        let handles: Vec<_> = subjects
+            .chunks(share)
+            .enumerate()
+            .map(|(i, part)| scope.spawn(move || rebuild_share(part, i == 0)))
+            .collect();
+        handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    })?;
+    let mut batch = WriteBatch::default();
     batch.put_meta(views::META_AT, &head.to_be_bytes());
     store.commit(batch)?;
     if let Some(p) = progress {
