@@ -848,7 +848,8 @@ fn redo_after_head(
         shared.keys.forget(Some(*subject));
     }
     store.apply(std::mem::take(&mut batch))?;
-    touched.retain(|s| !erased.iter().any(|(e, _, _)| e == s));
+    // Erased subjects are rebuilt only for what they hold (as `catch_up_views` does).
+    touched.retain(|s| !erased.iter().any(|(e, _, held)| e == s && held.as_ref().is_none_or(|h| h.is_empty())));
     let keys = |s: Uuid, c: u8| shared.keys.get(store, &master, s, c).map_err(|e| e.to_string());
     let mut batch = WriteBatch::default();
     for subject in touched {
@@ -958,37 +959,56 @@ fn catch_up_views(
     let flush_docs = (FLUSH_DOCS / workers).max(1);
     let master = shared.master();
     let done = std::sync::atomic::AtomicU64::new(0);
-    let rebuild_share = |part: &[Uuid], reports: bool| -> Result<(), OpenError> {
+    // The first failure (or panic) stops the other workers at their next subject.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    struct StopOnUnwind<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for StopOnUnwind<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+    let rebuild_share = |part: &[Uuid]| -> Result<(), OpenError> {
+        let _guard = StopOnUnwind(&stop);
         let keys = |s: Uuid, c: u8| shared.keys.get(store, &master, s, c).map_err(|e| e.to_string());
         let mut projector = Projector::new(projections.clone());
         let mut batch = WriteBatch::default();
-        for &subject in part {
-            if store.erased(subject)?.is_some() {
-                continue;
-            }
-            let n = project_subject(shared, &master, &mut projector, subject, head)?;
-            done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-            if projector.len() >= flush_docs {
-                projector.flush(&keys, &mut batch).map_err(ReadError::from)?;
-                store.apply(std::mem::take(&mut batch))?;
-                if let (true, Some(p)) = (reports, progress) {
-                    p(done.load(std::sync::atomic::Ordering::Relaxed), head);
+        let result = (|| {
+            for &subject in part {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(());
+                }
+                // An erased subject keeps the documents of the categories held for a legal
+                // obligation (their keys stay until the hold ends); the rest open no more.
+                if store.erased(subject)?.is_some() && store.holds_of(subject)?.is_empty() {
+                    continue;
+                }
+                let n = project_subject(shared, &master, &mut projector, subject, head)?;
+                done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                if projector.len() >= flush_docs {
+                    projector.flush(&keys, &mut batch).map_err(ReadError::from)?;
+                    store.apply(std::mem::take(&mut batch))?;
+                    if let Some(p) = progress {
+                        p(done.load(std::sync::atomic::Ordering::Relaxed), head);
+                    }
                 }
             }
+            projector.flush(&keys, &mut batch).map_err(ReadError::from)?;
+            store.apply(std::mem::take(&mut batch))?;
+            Ok(())
+        })();
+        if result.is_err() {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        projector.flush(&keys, &mut batch).map_err(ReadError::from)?;
-        store.apply(batch)?;
-        Ok(())
+        result
     };
-    std::thread::scope(|scope| {
+    let results: Vec<Result<(), OpenError>> = std::thread::scope(|scope| {
         let rebuild_share = &rebuild_share;
-        let handles: Vec<_> = subjects
-            .chunks(share)
-            .enumerate()
-            .map(|(i, part)| scope.spawn(move || rebuild_share(part, i == 0)))
-            .collect();
-        handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-    })?;
+        let handles: Vec<_> = subjects.chunks(share).map(|part| scope.spawn(move || rebuild_share(part))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+    });
+    results.into_iter().collect::<Result<(), _>>()?;
     let mut batch = WriteBatch::default();
     batch.put_meta(views::META_AT, &head.to_be_bytes());
     store.commit(batch)?;

@@ -98,6 +98,26 @@ async fn invoices_outlive_an_erasure_request_until_the_bookkeeping_period_ends()
     assert!(trail.iter().any(|e| e["actor"] == "retention" && e["target"] == "billing"), "{trail:?}");
 }
 
+/// A rebuild (after a changed definition, `replay --rebuild`, or a restore) gives an erased
+/// subject back exactly what the erasure kept: the billing document, and nothing else.
+#[test]
+fn a_rebuild_keeps_what_an_erasure_kept_and_nothing_more() {
+    let s = Scratch::new();
+    assert!(s.cli(&["import", sample_path().to_str().unwrap()]).status.success());
+    let out = s.cli(&["erase", INVOICED_2021, "--reason", "art17_request"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let subject: Uuid = INVOICED_2021.parse().unwrap();
+    let docs = |l: &pdledger::ledger::Ledger| {
+        ["customer", "projects", "billing"].map(|v| l.view(v, subject).unwrap().map(|d| d.data))
+    };
+    let before = docs(&s.open());
+    assert!(before[0].is_none() && before[1].is_none(), "{before:?}");
+    assert!(before[2].is_some(), "the billing document is kept");
+    let out = s.cli(&["replay", "--rebuild"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(docs(&s.open()), before);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_customer_without_invoices_is_erased_completely_at_once() {
     let app = App::new();
