@@ -19,7 +19,8 @@
 //!
 //! Run: `cargo bench --bench http_load` (or `PDLEDGER_LOAD_SECS=5 cargo bench --bench http_load`).
 //! `PDLEDGER_LOAD_ONLY=read` (or `append`, `backup`, comma-separated) runs only those scenarios
-//! beside the echo baseline, for profiling one of them.
+//! beside the echo baseline, for profiling one of them (the store is then smaller than in a
+//! full run, so compare such figures only with each other).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -110,6 +111,12 @@ async fn run(measure: Duration, warmup: Duration) {
     results.push(scenario("echo", &echo, templates, warmup, measure).await);
 
     let only = std::env::var("PDLEDGER_LOAD_ONLY").ok();
+    for kind in only.iter().flat_map(|o| o.split(',')) {
+        assert!(
+            ["append", "backup", "read"].contains(&kind.trim()),
+            "PDLEDGER_LOAD_ONLY: `{kind}` is not a scenario (append, backup, read)"
+        );
+    }
     let wanted = |kind: &str| only.as_deref().is_none_or(|o| o.split(',').any(|k| k.trim() == kind));
 
     // 2, 3. append

@@ -98,6 +98,11 @@ enum Command {
         /// checks that the log still contains it (catches truncation and rollback).
         #[arg(long)]
         anchor: Option<Anchor>,
+        /// Also check the indexes readers rely on against the log (the stream, subject and
+        /// audit indexes; keyless): a store that lost or cut one otherwise verifies as whole
+        /// while showing subjects with fewer events. Reads the log twice.
+        #[arg(long)]
+        deep: bool,
         /// Print the result as one JSON object.
         #[arg(long)]
         json: bool,
@@ -673,21 +678,41 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             }
             Ok(Outcome::Passed)
         }
-        Command::Verify { data, anchor, json } => {
+        Command::Verify { data, anchor, deep, json } => {
             // A backup directory is verified the same way, from its segments.
-            let (report, what) = if crate::backup::is_backup(&data.data) {
+            let (mut report, what) = if crate::backup::is_backup(&data.data) {
+                if deep {
+                    bail!("--deep checks a data directory's indexes; a backup holds none (its log is checked in full without it)");
+                }
                 (crate::backup::verify(&data.data, anchor)?, "backup of ")
             } else {
                 let store = Store::open(&data.data, "pdledger verify", cache_bytes(64)?)?;
-                let r =
+                let mut r =
                     crate::verify::verify(&store, anchor, |n| progress_line(tty, &format!("verified {n} records")))?;
+                if deep && r.ok {
+                    r.index_problem = crate::verify::verify_indexes(&store, r.head.position, |n| {
+                        progress_line(tty, &format!("checked the indexes of {n} records"))
+                    })?;
+                    r.ok = r.index_problem.is_none();
+                }
                 progress_line(tty, "");
                 (r, "")
             };
             if json {
                 writeln!(out, "{}", serde_json::to_string(&report)?)?;
+            } else if let Some(b) = report.index_problem.take() {
+                writeln!(
+                    out,
+                    "INDEX BROKEN at position {}: {}\nthe chain itself is whole: {} records, head {}\n\
+                     the log is whole: `pdledger backup DIR` copies it, and `pdledger restore DIR --data NEW` derives every index from it",
+                    b.position,
+                    b.reason,
+                    report.events,
+                    report.anchor()
+                )?;
             } else if report.ok {
-                writeln!(out, "ok: {what}{} records, chain whole\nhead {}", report.events, report.anchor())?;
+                let checked = if deep { ", indexes agree" } else { "" };
+                writeln!(out, "ok: {what}{} records, chain whole{checked}\nhead {}", report.events, report.anchor())?;
             } else {
                 writeln!(
                     out,

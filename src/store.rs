@@ -599,6 +599,35 @@ impl Store {
         })
     }
 
+    /// The position a subject's stream entry for `version` points to.
+    pub fn stream_position(&self, subject: Uuid, version: u64) -> Result<Option<Position>, StoreError> {
+        Ok(self.index.get(stream_key(subject, version))?.and_then(|v| be_u64(&v)))
+    }
+
+    /// The positions every stream entry points to, in key order (for `verify --deep`).
+    pub fn stream_positions(&self) -> impl Iterator<Item = Result<Position, StoreError>> + '_ {
+        self.index.scan_prefix([P_STREAM]).map(|kv| {
+            let (_, v) = kv?;
+            be_u64(&v).ok_or(StoreError::Meta("stream value"))
+        })
+    }
+
+    /// Whether every audit-index entry of the audit entry at `position` is there.
+    pub fn audit_indexed(
+        &self,
+        position: Position,
+        subject: Option<Uuid>,
+        actor: &str,
+        action: &str,
+    ) -> Result<bool, StoreError> {
+        for k in audit_keys(position, subject, actor, action) {
+            if !self.index.contains_key(k)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// The position that created a subject, if it exists.
     pub fn subject_created(&self, subject: Uuid) -> Result<Option<Position>, StoreError> {
         let mut k = vec![P_SUBJECT];

@@ -219,3 +219,72 @@ fn tls_1_1_and_plain_http_are_refused_on_the_tls_port() {
     assert!(server.stop().success());
     let _ = json!({});
 }
+
+/// `verify --deep` finds what the chain check cannot see: the indexes readers rely on,
+/// damaged while the log stays whole (an entry lost, one pointing elsewhere, one too many, an
+/// audit entry unindexed). Without it such a store would serve subjects with fewer events.
+#[test]
+fn verify_deep_finds_index_entries_lost_misplaced_or_extra() {
+    use pdledger::store::{AuditKey, Store, WriteBatch};
+    let s = Scratch::new();
+    assert!(s.cli(&["import", sample_path().to_str().unwrap()]).status.success());
+    let subject: Uuid = sample()
+        .iter()
+        .find(|e| e["type"] == "customer.registered")
+        .and_then(|e| e["subject"].as_str()?.parse().ok())
+        .unwrap();
+    // An audit entry about that subject (the extract is audited).
+    assert!(s.cli(&["export", &subject.to_string()]).status.success());
+    let deep = || {
+        let out = s.cli(&["verify", "--deep", "--json"]);
+        (out.status.code(), serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null))
+    };
+    let (code, report) = deep();
+    assert_eq!(code, Some(0), "{report}");
+    assert_eq!(report["ok"], true);
+    let change = |f: &dyn Fn(&Store, &mut WriteBatch)| {
+        let store = Store::open(&s.data(), "test", 16 << 20).unwrap();
+        let mut b = WriteBatch::default();
+        f(&store, &mut b);
+        store.commit(b).unwrap();
+    };
+    let at = Store::open(&s.data(), "test", 16 << 20).unwrap().stream_position(subject, 2).unwrap().unwrap();
+
+    // Lost: the chain check passes, the deep check names the record.
+    change(&|_, b| b.remove_stream(subject, 2));
+    assert_eq!(s.cli(&["verify"]).status.code(), Some(0), "the log itself is whole");
+    let (code, report) = deep();
+    assert_eq!(code, Some(1), "{report}");
+    assert_eq!(report["index_problem"]["position"], at, "{report}");
+    let reason = report["index_problem"]["reason"].as_str().unwrap();
+    assert!(reason.contains(&subject.to_string()) && reason.contains("version 2"), "{reason}");
+    let text = String::from_utf8(s.cli(&["verify", "--deep"]).stdout).unwrap();
+    assert!(text.starts_with(&format!("INDEX BROKEN at position {at}")), "{text}");
+
+    // Misplaced.
+    change(&|_, b| b.put_stream(subject, 2, at + 1));
+    let (code, report) = deep();
+    assert_eq!(code, Some(1));
+    assert!(report["index_problem"]["reason"].as_str().unwrap().contains(&format!("at position {}", at + 1)));
+
+    // Put right, then one too many.
+    change(&|_, b| b.put_stream(subject, 2, at));
+    assert_eq!(deep().0, Some(0));
+    change(&|_, b| b.put_stream(subject, 999, at));
+    let (code, report) = deep();
+    assert_eq!(code, Some(1));
+    assert!(report["index_problem"]["reason"].as_str().unwrap().contains("entries for"), "{report}");
+    change(&|_, b| b.remove_stream(subject, 999));
+    assert_eq!(deep().0, Some(0));
+
+    // An audit entry missing from the audit index.
+    change(&|store, b| {
+        let pos = store.audit_rev(AuditKey::Subject(subject), u64::MAX).next().unwrap().unwrap();
+        let rec = pdledger::record::decode(&store.record(pos).unwrap().unwrap()).unwrap();
+        let action: Value = serde_json::from_slice(&rec.payload).unwrap();
+        b.remove_audit(pos, Some(subject), &rec.header.actor, action["action"].as_str().unwrap());
+    });
+    let (code, report) = deep();
+    assert_eq!(code, Some(1));
+    assert!(report["index_problem"]["reason"].as_str().unwrap().contains("audit index"), "{report}");
+}
