@@ -704,7 +704,8 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 writeln!(
                     out,
                     "INDEX BROKEN at position {}: {}\nthe chain itself is whole: {} records, head {}\n\
-                     the log is whole: `pdledger backup DIR` copies it, and `pdledger restore DIR --data NEW` derives every index from it",
+                     to rebuild the indexes: `pdledger backup DIR` copies the log, and `pdledger restore DIR --data NEW` \
+                     derives every index from it",
                     b.position,
                     b.reason,
                     report.events,
