@@ -730,9 +730,12 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             let started = std::time::Instant::now();
             if rebuild {
                 opts.rebuild_views = true;
-                opts.progress = Some(Arc::new(move |at, head| {
-                    let pct = if head == 0 { 100.0 } else { at as f64 * 100.0 / head as f64 };
-                    progress_line(tty, &format!("rebuilding views: {at}/{head} records ({pct:.0}%)"));
+                opts.progress = Some(Arc::new(move |done, all| {
+                    let pct = if all == 0 { 100.0 } else { done as f64 * 100.0 / all as f64 };
+                    progress_line(
+                        tty,
+                        &format!("rebuilding views: {pct:.0}% (reading the log, then building documents)"),
+                    );
                 }));
             }
             let ledger = Ledger::open(opts)?;

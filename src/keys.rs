@@ -44,17 +44,27 @@ impl KeyCache {
         let Some(wrapped) = store.wrapped_key(subject, category)? else {
             return Ok(None);
         };
-        let alternate = self.alternate();
-        let key = match (master.unwrap(subject, category, &wrapped), alternate) {
-            (Ok(k), _) => k,
-            (Err(CryptoError::Generation { .. }), Some(alt)) => alt
-                .unwrap(subject, category, &wrapped)
-                .map_err(|source| KeyError::Unwrap { subject, category, source })?,
-            (Err(source), _) => return Err(KeyError::Unwrap { subject, category, source }),
-        };
-        let key = Arc::new(key);
+        let key = Arc::new(self.unwrap(master, subject, category, &wrapped)?);
         self.insert(subject, category, key.clone());
         Ok(Some(key))
+    }
+
+    /// Unwraps a subject key read from the store, with `master` or, while a rotation runs, the
+    /// generation it moves to. Caches nothing: for callers that keep their own keys.
+    pub fn unwrap(
+        &self,
+        master: &MasterKey,
+        subject: Uuid,
+        category: u8,
+        wrapped: &[u8],
+    ) -> Result<SubjectKey, KeyError> {
+        match (master.unwrap(subject, category, wrapped), self.alternate()) {
+            (Ok(k), _) => Ok(k),
+            (Err(CryptoError::Generation { .. }), Some(alt)) => {
+                alt.unwrap(subject, category, wrapped).map_err(|source| KeyError::Unwrap { subject, category, source })
+            }
+            (Err(source), _) => Err(KeyError::Unwrap { subject, category, source }),
+        }
     }
 
     /// The generation a rotation under way moves to, if any.

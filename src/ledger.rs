@@ -44,6 +44,9 @@ pub struct Limits {
     /// Free space kept on the data directory's file system: below it, new data is refused
     /// (see [`writer::SpaceGuard`]).
     pub min_free_bytes: u64,
+    /// Subjects whose documents a views rebuild holds in memory at once, per worker (see
+    /// `ledger/rebuild.rs`): its memory bound.
+    pub rebuild_range_subjects: usize,
 }
 
 impl Default for Limits {
@@ -56,8 +59,16 @@ impl Default for Limits {
             cache_bytes: 64 * 1024 * 1024,
             keys_cached_max: 100_000,
             min_free_bytes: 64 * 1024 * 1024,
+            rebuild_range_subjects: rebuild::RANGE_SUBJECTS,
         }
     }
+}
+
+mod rebuild;
+
+/// Threads for bulk work at open (rebuild, redo): one per core, at most four.
+fn workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4)
 }
 
 pub struct OpenOptions {
@@ -70,7 +81,7 @@ pub struct OpenOptions {
     pub projections: Arc<Projections>,
     /// Throw the view documents away and rebuild them from the log before opening.
     pub rebuild_views: bool,
-    /// Called while views are replayed at open: (position reached, head).
+    /// Called while views are rebuilt at open: (work done, work in all).
     pub progress: Option<Progress>,
 }
 
@@ -270,7 +281,7 @@ impl Ledger {
         if let Some((from, to, hash)) = redo {
             redo_after_head(&shared, &opts.schemas, &opts.projections, from, to, &hash)?;
         }
-        catch_up_views(&shared, &opts.projections, opts.rebuild_views, opts.progress.as_deref())?;
+        catch_up_views(&shared, &opts, opts.rebuild_views)?;
         let (writer, join) = writer::spawn(
             shared.clone(),
             (head_pos, head_hash, last_ms),
@@ -657,22 +668,26 @@ fn open_record(shared: &Shared, master: &MasterKey, rec: &Record) -> Result<Payl
             let Some(key) = shared.keys.get(&shared.store, master, rec.header.subject, rec.header.category)? else {
                 return Ok(Payload::Shredded);
             };
-            let plain = zeroize::Zeroizing::new(
-                key.open(&rec.nonce, &record::seal_aad(&rec.header), &rec.payload)
-                    .map_err(|e| ReadError::Damaged { position: pos, detail: e.to_string() })?,
-            );
-            #[derive(serde::Deserialize)]
-            struct Sealed {
-                occurred_at: String,
-                data: Value,
-            }
-            let s: Sealed = serde_json::from_slice(&plain).map_err(|e| ReadError::Damaged {
-                position: pos,
-                detail: format!("sealed payload is not an event: {e}"),
-            })?;
-            Ok(Payload::Event { occurred_at: s.occurred_at, data: s.data })
+            open_sealed(&key, rec)
         }
     }
+}
+
+/// Opens a subject event with its key.
+fn open_sealed(key: &crate::crypto::SubjectKey, rec: &Record) -> Result<Payload, ReadError> {
+    let pos = rec.header.position;
+    let plain = zeroize::Zeroizing::new(
+        key.open(&rec.nonce, &record::seal_aad(&rec.header), &rec.payload)
+            .map_err(|e| ReadError::Damaged { position: pos, detail: e.to_string() })?,
+    );
+    #[derive(serde::Deserialize)]
+    struct Sealed {
+        occurred_at: String,
+        data: Value,
+    }
+    let s: Sealed = serde_json::from_slice(&plain)
+        .map_err(|e| ReadError::Damaged { position: pos, detail: format!("sealed payload is not an event: {e}") })?;
+    Ok(Payload::Event { occurred_at: s.occurred_at, data: s.data })
 }
 
 /// Removes the records after the last commit mark: a group commit cut short by a crash, never
@@ -764,7 +779,11 @@ fn redo_after_head(
     to: Position,
     to_hash: &ChainHash,
 ) -> Result<(), OpenError> {
+    // Derived entries, applied in key order by a thread per core in batches of this many
+    // writes (about 100 bytes each): a restored log derives everything, a crash only a group.
+    const REDO_BATCH_OPS: usize = 1_500_000;
     let store = &shared.store;
+    let threads = workers();
     let master = shared.master();
     let index_key = master.index_key();
     let mut batch = WriteBatch::default();
@@ -772,11 +791,16 @@ fn redo_after_head(
     let mut erased: Vec<(Uuid, Position, Option<Vec<writer::Hold>>)> = vec![];
     let mut shredded: Vec<(Uuid, u8)> = vec![];
     let mut created = std::collections::HashSet::new();
+    // In log order, as sled stores it: one read per page of the log, not one per record.
+    let mut records = store.records(from);
     for pos in from..=to {
-        if batch.len() >= 50_000 {
-            store.apply(std::mem::take(&mut batch))?;
+        if batch.len() >= REDO_BATCH_OPS {
+            store.apply_unordered(std::mem::take(&mut batch), threads)?;
         }
-        let bytes = store.record(pos)?.ok_or(OpenError::Inconsistent { meta: from - 1, log: pos })?;
+        let bytes = match records.next().transpose()? {
+            Some((p, bytes)) if p == pos => bytes,
+            _ => return Err(OpenError::Inconsistent { meta: from - 1, log: pos }),
+        };
         let rec = decode_at(pos, &bytes)?;
         let h = &rec.header;
         if !h.subject.is_nil() && !created.contains(&h.subject) && store.subject_created(h.subject)?.is_none() {
@@ -826,7 +850,7 @@ fn redo_after_head(
             },
         }
     }
-    store.apply(batch)?;
+    store.apply_unordered(batch, threads)?;
     let mut batch = WriteBatch::default();
     for (subject, pos, retain) in &erased {
         let (subject, pos) = (subject, *pos);
@@ -913,20 +937,11 @@ fn project_subject(
 
 /// Brings the view documents up to the log's head. The writer keeps them current in every
 /// commit (`views_at` = head), so this only has work after the definitions changed, a rebuild
-/// was asked for, or a crash cut one short: then every document is rebuilt, subject by
-/// subject, from the subject's own stream, by one worker thread per core (up to four), each
-/// over its own share of the subjects. Each document is built in memory once and written
-/// once (never read back), memory holds a bounded number of documents, and `views_at` reaches
-/// the head only at the end: a crash during the rebuild starts it over at the next open.
-fn catch_up_views(
-    shared: &Shared,
-    projections: &Arc<Projections>,
-    rebuild: bool,
-    progress: Option<&(dyn Fn(Position, Position) + Send + Sync)>,
-) -> Result<(), OpenError> {
-    const FLUSH_DOCS: usize = 10_000;
-    /// Rebuild threads at most (one per core up to this).
-    const REBUILD_WORKERS_MAX: usize = 4;
+/// was asked for, or a crash cut one short: then every document is rebuilt from the log
+/// (`rebuild.rs`), and `views_at` reaches the head only at the end, so a crash during the
+/// rebuild starts it over at the next open.
+fn catch_up_views(shared: &Shared, opts: &OpenOptions, rebuild: bool) -> Result<(), OpenError> {
+    let projections = &opts.projections;
     let store = &shared.store;
     let head = shared.durable();
     let fingerprint = projections.fingerprint();
@@ -940,81 +955,27 @@ fn catch_up_views(
     if at >= head && same_defs && !rebuild {
         return Ok(());
     }
-    // Start over: record that first (durably), then drop the old documents.
+    // Start over: record that first (durably). Documents of other definitions are dropped
+    // before the new fingerprint is recorded (a crash in between drops them again); documents
+    // of the same definitions stay until the rebuild writes over them or removes them.
     let mut b = WriteBatch::default();
-    b.put_meta(views::META_DEF, &fingerprint);
     b.put_meta(views::META_AT, &0u64.to_be_bytes());
     store.commit(b)?;
-    let removed = store.clear_views()?;
+    let mut removed = 0;
+    if !same_defs {
+        removed = store.clear_views(workers())?;
+        let mut b = WriteBatch::default();
+        b.put_meta(views::META_DEF, &fingerprint);
+        store.commit(b)?;
+    }
     if head == 0 {
-        store.sync()?;
         return Ok(());
     }
     tracing::info!(removed, head, "rebuilding views from the log");
-    // Subjects are independent: each worker takes a contiguous share of them (in key order,
-    // so its documents are written in order), with its own projector and batches.
-    let subjects: Vec<Uuid> = store.subjects().collect::<Result<_, _>>()?;
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, REBUILD_WORKERS_MAX);
-    let share = subjects.len().div_ceil(workers).max(1);
-    let flush_docs = (FLUSH_DOCS / workers).max(1);
-    let master = shared.master();
-    let done = std::sync::atomic::AtomicU64::new(0);
-    // The first failure (or panic) stops the other workers at their next subject.
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    struct StopOnUnwind<'a>(&'a std::sync::atomic::AtomicBool);
-    impl Drop for StopOnUnwind<'_> {
-        fn drop(&mut self) {
-            if std::thread::panicking() {
-                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-    }
-    let rebuild_share = |part: &[Uuid]| -> Result<(), OpenError> {
-        let _guard = StopOnUnwind(&stop);
-        let keys = |s: Uuid, c: u8| shared.keys.get(store, &master, s, c).map_err(|e| e.to_string());
-        let mut projector = Projector::new(projections.clone());
-        let mut batch = WriteBatch::default();
-        let result = (|| {
-            for &subject in part {
-                if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    return Ok(());
-                }
-                // An erased subject keeps the documents of the categories held for a legal
-                // obligation (their keys stay until the hold ends); the rest open no more.
-                if store.erased(subject)?.is_some() && store.holds_of(subject)?.is_empty() {
-                    continue;
-                }
-                let n = project_subject(shared, &master, &mut projector, subject, head)?;
-                done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                if projector.len() >= flush_docs {
-                    projector.flush(&keys, &mut batch).map_err(ReadError::from)?;
-                    store.apply(std::mem::take(&mut batch))?;
-                    if let Some(p) = progress {
-                        p(done.load(std::sync::atomic::Ordering::Relaxed), head);
-                    }
-                }
-            }
-            projector.flush(&keys, &mut batch).map_err(ReadError::from)?;
-            store.apply(std::mem::take(&mut batch))?;
-            Ok(())
-        })();
-        if result.is_err() {
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        result
-    };
-    let results: Vec<Result<(), OpenError>> = std::thread::scope(|scope| {
-        let rebuild_share = &rebuild_share;
-        let handles: Vec<_> = subjects.chunks(share).map(|part| scope.spawn(move || rebuild_share(part))).collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
-    });
-    results.into_iter().collect::<Result<(), _>>()?;
+    rebuild::rebuild(shared, projections, head, opts.limits.rebuild_range_subjects, opts.progress.as_deref())?;
     let mut batch = WriteBatch::default();
     batch.put_meta(views::META_AT, &head.to_be_bytes());
     store.commit(batch)?;
-    if let Some(p) = progress {
-        p(head, head);
-    }
     Ok(())
 }
 

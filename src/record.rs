@@ -96,6 +96,21 @@ pub enum DecodeError {
     Trailing(usize),
 }
 
+/// The kind and subject of stored record bytes, from their fixed-width start, without decoding
+/// the rest: for scans that skip most records (`None` when the bytes are too short or of an
+/// unknown format or kind; `decode` then says what is wrong).
+pub fn peek(bytes: &[u8]) -> Option<(Kind, Uuid)> {
+    if bytes.len() < 27 || bytes[0] != FORMAT_V1 {
+        return None;
+    }
+    let kind = match bytes[1] {
+        1 => Kind::Sealed,
+        2 => Kind::Ledger,
+        _ => return None,
+    };
+    Some((kind, Uuid::from_bytes(bytes[11..27].try_into().ok()?)))
+}
+
 /// Checks a header before it is written: our own bugs, caught before they reach the disk.
 pub fn header_is_valid(h: &Header) -> bool {
     h.position >= 1
@@ -297,6 +312,22 @@ mod tests {
             schema_version: 1,
             event_type: "customer.registered".into(),
             actor: "import".into(),
+        }
+    }
+
+    #[test]
+    fn peek_reads_what_decode_reads_and_refuses_what_it_cannot() {
+        let mut h = header(9);
+        h.subject = Uuid::new_v4();
+        let (bytes, _) = encode(&h, &[7; 24], b"ciphertext", &ChainHash::GENESIS);
+        assert_eq!(peek(&bytes), Some((Kind::Sealed, h.subject)));
+        assert_eq!(peek(&bytes[..27]), Some((Kind::Sealed, h.subject)));
+        assert_eq!(peek(&bytes[..26]), None);
+        for (at, value) in [(0, 2), (1, 3), (1, 0)] {
+            let mut bad = bytes.clone();
+            bad[at] = value;
+            assert_eq!(peek(&bad), None);
+            assert!(decode(&bad).is_err());
         }
     }
 

@@ -147,6 +147,10 @@ fn is_empty_dir(p: &Path) -> bool {
 
 pub fn restore(opts: Options, mut progress: impl FnMut(&str)) -> Result<Summary, RestoreError> {
     let started = Instant::now();
+    let mut progress = |step: &str| {
+        tracing::info!(secs = started.elapsed().as_secs_f64(), "restore: {step}");
+        progress(step)
+    };
     if opts.data.exists() && !is_empty_dir(&opts.data) && !opts.force {
         return Err(RestoreError::Refused(format!(
             "{} is not empty: restore into a new directory, or pass --force to replace it",

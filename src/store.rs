@@ -500,6 +500,43 @@ impl Store {
         Ok(())
     }
 
+    /// Applies a batch of writes whose order does not matter (derived entries: indexes,
+    /// documents), in key order, by up to `threads` threads over contiguous key ranges: sled
+    /// inserts in key order cost a fraction of inserts at random places, and threads on
+    /// separate ranges rarely meet.
+    /// Of several writes to one key, the last wins, as it would applied in order.
+    pub fn apply_unordered(&self, mut batch: WriteBatch, threads: usize) -> Result<(), StoreError> {
+        // Stable, so writes to one key stay in their order; then only the last of them is kept
+        // (no two threads ever write one key).
+        batch.ops.sort_by(|a, b| a.0.cmp(&b.0));
+        batch.ops.reverse();
+        batch.ops.dedup_by(|later, earlier| later.0 == earlier.0);
+        batch.ops.reverse();
+        let per = batch.ops.len().div_ceil(threads.max(1)).max(1);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = batch
+                .ops
+                .chunks(per)
+                .map(|part| {
+                    scope.spawn(move || -> Result<(), StoreError> {
+                        for (k, v) in part {
+                            let tree = self.tree_for(k[0]);
+                            match v {
+                                Some(v) => tree.insert(&k[..], &v[..])?,
+                                None => tree.remove(&k[..])?,
+                            };
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            // Every thread joined before the first error is returned.
+            let results: Vec<Result<(), StoreError>> =
+                handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect();
+            results.into_iter().collect()
+        })
+    }
+
     /// Flush and fsync whatever has been applied so far.
     pub fn sync(&self) -> Result<(), StoreError> {
         // Blob files first: sled writes them when a large item is logged (before the flush),
@@ -744,13 +781,32 @@ impl Store {
         })
     }
 
+    /// The subjects from `first` to `last` (both included) that have a document of `view`.
+    pub fn view_subjects_between(
+        &self,
+        view: &str,
+        first: Uuid,
+        last: Uuid,
+    ) -> impl Iterator<Item = Result<Uuid, StoreError>> + '_ {
+        let n = view_prefix(view).len();
+        self.views.range(view_key(view, first)..=view_key(view, last)).map(move |kv| {
+            let (k, _) = kv?;
+            Uuid::from_slice(&k[n..]).map_err(|_| StoreError::Meta("view key"))
+        })
+    }
+
     /// Removes every view document (before a rebuild). Returns how many.
-    pub fn clear_views(&self) -> Result<u64, StoreError> {
+    pub fn clear_views(&self, threads: usize) -> Result<u64, StoreError> {
         let mut n = 0;
+        let mut batch = WriteBatch::default();
         for kv in self.views.scan_prefix([P_VIEW]) {
-            self.views.remove(kv?.0)?;
+            batch.ops.push((kv?.0.to_vec(), None));
             n += 1;
+            if batch.len() == 100_000 {
+                self.apply_unordered(std::mem::take(&mut batch), threads)?;
+            }
         }
+        self.apply_unordered(batch, threads)?;
         Ok(n)
     }
 
@@ -801,6 +857,21 @@ impl Store {
         })
     }
 
+    /// The wrapped keys of the subjects from `first` to `last` (both included), in key order.
+    pub fn wrapped_keys_between(
+        &self,
+        first: Uuid,
+        last: Uuid,
+    ) -> impl Iterator<Item = Result<(Uuid, u8, Value), StoreError>> + '_ {
+        let mut end = subject_key(P_KEY, last);
+        end.push(0xff);
+        self.tree.range(subject_key(P_KEY, first)..=end).map(|kv| {
+            let (k, v) = kv?;
+            let subject = Uuid::from_slice(&k[1..17]).map_err(|_| StoreError::Meta("key table"))?;
+            Ok((subject, *k.get(17).ok_or(StoreError::Meta("key table"))?, Value(v)))
+        })
+    }
+
     /// The categories a subject holds keys for.
     pub fn key_categories(&self, subject: Uuid) -> Result<Vec<u8>, StoreError> {
         let mut out = vec![];
@@ -830,5 +901,44 @@ impl Store {
             None => self.tree.remove(log_key(position))?,
         };
         self.sync()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes applied out of order by several threads end as the same writes applied in
+    /// order: the last write to a key wins, whatever the threads.
+    #[test]
+    fn unordered_apply_ends_where_ordered_apply_ends() {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let ordered = Store::open(dirs[0].path(), "test", 1 << 20).unwrap();
+        let unordered = Store::open(dirs[1].path(), "test", 1 << 20).unwrap();
+        let mut batch = WriteBatch::default();
+        let subjects: Vec<Uuid> = (0..50).map(|_| Uuid::new_v4()).collect();
+        for round in 0..4u64 {
+            for (i, s) in subjects.iter().enumerate() {
+                batch.put_stream(*s, round + 1, round * 100 + i as u64);
+                // Restricted, lifted, restricted again: only the last may stand.
+                batch.put_restricted(*s, (round % 2 == 0 || i % 3 == 0).then_some(round));
+            }
+        }
+        for s in &subjects[..10] {
+            batch.remove_stream(*s, 2);
+        }
+        let copy = WriteBatch { ops: batch.ops.clone() };
+        ordered.apply(batch).unwrap();
+        unordered.apply_unordered(copy, 3).unwrap();
+        for tree in [TREE, INDEX_TREE] {
+            let a: Vec<_> = ordered.db.open_tree(tree).unwrap().iter().collect::<Result<_, _>>().unwrap();
+            let b: Vec<_> = unordered.db.open_tree(tree).unwrap().iter().collect::<Result<_, _>>().unwrap();
+            assert!(!a.is_empty());
+            assert_eq!(a, b, "tree {tree}");
+        }
+        for (i, s) in subjects.iter().enumerate() {
+            assert_eq!(unordered.restricted(*s).unwrap(), (i % 3 == 0).then_some(3), "subject {i}");
+            assert_eq!(unordered.stream_position(*s, 2).unwrap().is_some(), i >= 10);
+        }
     }
 }

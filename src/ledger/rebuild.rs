@@ -1,0 +1,282 @@
+//! Rebuilding every view document from the log, in flat memory and one pass over the log.
+//!
+//! A subject's events are spread over the whole log, so following each subject's stream in
+//! turn reads a log page per event, and sled pulls most of those pages from the file. Reading
+//! the log in position order reads each page once, but then every subject's documents are
+//! open at the same time, and a document in memory (`serde_json::Value`) is several times its
+//! JSON: a synthetic register's documents, about 4.7 KB of JSON per subject, took 33 KB per
+//! subject in memory, 2.3 GB for 70,000 subjects.
+//!
+//! So the rebuild sorts first, in the way of an external sort:
+//!
+//! 1. **Spill.** One scan of the log, in position order, copies each subject event (sealed,
+//!    as stored: nothing is decrypted) into the spill file of its subject's *range*: the
+//!    subjects cut, in key order, into contiguous ranges of about `RANGE_SUBJECTS`. Records
+//!    of other kinds are skipped after reading their first 27 bytes.
+//! 2. **Build.** Each range is then read back from its spill file, in position order, so each
+//!    subject's events come in stream order. Its keys are unwrapped once; its documents are
+//!    built in memory, then sealed and written in key order. One worker per core (up to
+//!    four) takes ranges off a shared queue.
+//!
+//! Memory holds one range's documents per worker, whatever the length of the log. The spill
+//! files hold only sealed records (never plaintext, never a key), sit in the data directory
+//! (`views-rebuild.tmp/`, mode 0700), take about the size of the log's records, and are
+//! removed when the rebuild ends, fails, or (after a crash) starts again.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::{decode_at, open_sealed, OpenError, Payload, ReadError, Shared};
+use crate::crypto::SubjectKey;
+use crate::projection::{EventRef, Projections};
+use crate::record::{self, Kind, Position};
+use crate::store::{StoreError, WriteBatch};
+use crate::views::Projector;
+
+/// Subjects per range, about (the default of `Limits::rebuild_range_subjects`): the rebuild's
+/// memory bound is this many subjects' documents (and keys) per worker, about 8 MB at 33 KB
+/// of documents per subject in memory. Measured on 1,000,000 events
+/// and 70,000 subjects (docs/BENCHMARKS.md): ranges of 256 subjects were as fast as ranges of
+/// 4,096 (the smaller documents' map stays in the CPU's caches) and took 200 MB less.
+pub const RANGE_SUBJECTS: usize = 256;
+/// Ranges at most (each has a spill file open during the scan): past this many subjects,
+/// ranges grow instead.
+const RANGES_MAX: usize = 512;
+/// Documents sealed per write batch.
+const FLUSH_DOCS: usize = 10_000;
+/// Records between two looks at the stop flag and two progress reports.
+const STEP: u64 = 16_384;
+/// The spill directory's name in the data directory.
+const SPILL_DIR: &str = "views-rebuild.tmp";
+
+/// The spill directory: created empty, removed when dropped.
+struct Spill(PathBuf);
+
+impl Spill {
+    fn create(data: &Path) -> Result<Spill, OpenError> {
+        let dir = data.join(SPILL_DIR);
+        // One a crash left behind (the rebuild then starts over, here).
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(spill_error(&dir, e)),
+            _ => {}
+        }
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| spill_error(&dir, e))?;
+        Ok(Spill(dir))
+    }
+
+    fn file(&self, range: usize) -> PathBuf {
+        self.0.join(format!("range-{range:04}.spill"))
+    }
+}
+
+impl Drop for Spill {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            tracing::warn!(dir = %self.0.display(), error = %e, "could not remove the views' spill directory");
+        }
+    }
+}
+
+fn spill_error(path: &Path, e: std::io::Error) -> OpenError {
+    OpenError::Store(StoreError::Io { path: path.to_owned(), source: e })
+}
+
+/// Rebuilds every document from the log up to `head`, writing over the stored ones and
+/// removing those it does not write again.
+/// `progress` gets (work done, work in all): one unit per record scanned and one per event
+/// built.
+pub fn rebuild(
+    shared: &Shared,
+    projections: &Arc<Projections>,
+    head: Position,
+    range_subjects: usize,
+    progress: Option<&(dyn Fn(u64, u64) + Send + Sync)>,
+) -> Result<(), OpenError> {
+    let store = &shared.store;
+    let subjects: Vec<Uuid> = store.subjects().collect::<Result<_, _>>()?;
+    let workers = super::workers();
+    let ranges = subjects.len().div_ceil(range_subjects.max(1)).clamp(workers.min(subjects.len()).max(1), RANGES_MAX);
+    let per_range = subjects.len().div_ceil(ranges).max(1);
+    // Each range by its first and last possible subject id, so that together they cover
+    // every id (nothing stored escapes the rebuild); a subject's range by binary search.
+    let mut starts: Vec<u128> = subjects.chunks(per_range).map(|c| c[0].as_u128()).collect();
+    if starts.is_empty() {
+        starts.push(0);
+    }
+    let bounds: Vec<(Uuid, Uuid)> = (0..starts.len())
+        .map(|i| {
+            let first = if i == 0 { 0 } else { starts[i] };
+            let last = starts.get(i + 1).map_or(u128::MAX, |next| next - 1);
+            (Uuid::from_u128(first), Uuid::from_u128(last))
+        })
+        .collect();
+    drop(subjects);
+    let spill = Spill::create(store.dir())?;
+    let started = std::time::Instant::now();
+    let report = |done: u64, all: u64| {
+        if let Some(p) = progress {
+            p(done, all)
+        }
+    };
+
+    // 1. Spill: the log, once, in position order, each subject event to its range's file.
+    let mut files = Vec::with_capacity(bounds.len());
+    for i in 0..bounds.len() {
+        let path = spill.file(i);
+        let f = File::create(&path).map_err(|e| spill_error(&path, e))?;
+        files.push(BufWriter::with_capacity(1 << 15, f));
+    }
+    let mut spilled = 0u64;
+    for item in store.records(1) {
+        let (pos, bytes) = item?;
+        if pos > head {
+            break;
+        }
+        if pos % STEP == 0 {
+            report(pos, 2 * head);
+        }
+        let subject = match record::peek(&bytes) {
+            Some((Kind::Sealed, subject)) => subject,
+            Some(_) => continue,
+            None => return Err(decode_at(pos, &bytes).expect_err("peek refused it").into()),
+        };
+        let i = bounds.partition_point(|(_, last)| *last < subject);
+        let path = spill.file(i);
+        let w = &mut files[i];
+        w.write_all(&(bytes.len() as u32).to_be_bytes()).map_err(|e| spill_error(&path, e))?;
+        w.write_all(&bytes).map_err(|e| spill_error(&path, e))?;
+        spilled += 1;
+    }
+    for (i, mut w) in files.into_iter().enumerate() {
+        w.flush().map_err(|e| spill_error(&spill.file(i), e))?;
+    }
+    let all = head + spilled;
+    report(head, all);
+    tracing::info!(spilled, ranges = bounds.len(), secs = started.elapsed().as_secs_f64(), "views rebuild: log read");
+
+    // 2. Build: each range's documents from its spill file, ranges shared out to workers.
+    let master = shared.master();
+    let next = AtomicUsize::new(0);
+    let built = AtomicU64::new(0);
+    // The first failure (or panic) stops the other workers within a step.
+    let stop = AtomicBool::new(false);
+    struct StopOnUnwind<'a>(&'a AtomicBool);
+    impl Drop for StopOnUnwind<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+    let build_range = |i: usize| -> Result<(), OpenError> {
+        let (first, last) = bounds[i];
+        // An erased subject has keys left only for the categories an erasure kept for a legal
+        // obligation: those documents are rebuilt; events of the others have no key, skipped.
+        let mut keys: HashMap<(Uuid, u8), Arc<SubjectKey>> = HashMap::new();
+        for item in store.wrapped_keys_between(first, last) {
+            let (subject, category, wrapped) = item?;
+            let key = shared.keys.unwrap(&master, subject, category, &wrapped).map_err(ReadError::from)?;
+            keys.insert((subject, category), Arc::new(key));
+        }
+        let path = spill.file(i);
+        let mut r = BufReader::with_capacity(1 << 16, File::open(&path).map_err(|e| spill_error(&path, e))?);
+        let mut projector = Projector::new(projections.clone());
+        let mut bytes = Vec::new();
+        let mut n = 0u64;
+        loop {
+            let mut len = [0u8; 4];
+            match r.read_exact(&mut len) {
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                other => other.map_err(|e| spill_error(&path, e))?,
+            }
+            bytes.resize(u32::from_be_bytes(len) as usize, 0);
+            r.read_exact(&mut bytes).map_err(|e| spill_error(&path, e))?;
+            n += 1;
+            if n == STEP {
+                report(head + built.fetch_add(n, Ordering::Relaxed) + n, all);
+                n = 0;
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+            }
+            let rec = record::decode(&bytes).map_err(|e| {
+                spill_error(&path, std::io::Error::new(std::io::ErrorKind::InvalidData, format!("spilled record: {e}")))
+            })?;
+            let h = &rec.header;
+            if !projections.handles(&h.event_type) {
+                continue;
+            }
+            let Some(key) = keys.get(&(h.subject, h.category)) else { continue };
+            if let Payload::Event { occurred_at, data } = open_sealed(key, &rec)? {
+                let recorded_at = crate::time::rfc3339(h.recorded_at_ms);
+                let ev = EventRef {
+                    event_type: &h.event_type,
+                    data: &data,
+                    occurred_at: &occurred_at,
+                    recorded_at: &recorded_at,
+                    version: h.version,
+                    position: h.position,
+                };
+                projector.apply_fresh(h.subject, &ev);
+            }
+        }
+        report(head + built.fetch_add(n, Ordering::Relaxed) + n, all);
+        // Documents stored from before (a rebuild over current definitions keeps them until
+        // it overwrites them) that this one does not write again are removed.
+        let written: HashSet<(usize, Uuid)> = projector
+            .held()
+            .filter(|(i, s)| keys.contains_key(&(*s, projections.views()[*i].category() as u8)))
+            .collect();
+        let mut stale = WriteBatch::default();
+        for (i, view) in projections.views().iter().enumerate() {
+            for subject in store.view_subjects_between(view.name(), first, last) {
+                let subject = subject?;
+                if !written.contains(&(i, subject)) {
+                    stale.remove_view(view.name(), subject);
+                }
+            }
+        }
+        store.apply(stale)?;
+        let lookup = |s: Uuid, c: u8| Ok(keys.get(&(s, c)).cloned());
+        projector.flush_in_batches(&lookup, FLUSH_DOCS, |batch| -> Result<(), ReadError> {
+            store.apply(batch)?;
+            Ok(())
+        })?;
+        // The range is done: its spill file can go now, not at the end.
+        std::fs::remove_file(&path).map_err(|e| spill_error(&path, e))?;
+        Ok(())
+    };
+    let work = || -> Result<(), OpenError> {
+        let _guard = StopOnUnwind(&stop);
+        let result = (|| {
+            while !stop.load(Ordering::Relaxed) {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= bounds.len() {
+                    break;
+                }
+                build_range(i)?;
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        result
+    };
+    let results: Vec<Result<(), OpenError>> = std::thread::scope(|scope| {
+        let work = &work;
+        let handles: Vec<_> = (0..workers.min(bounds.len())).map(|_| scope.spawn(work)).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+    });
+    results.into_iter().collect::<Result<(), _>>()?;
+    report(all, all);
+    tracing::info!(workers, secs = started.elapsed().as_secs_f64(), "views rebuild: documents built");
+    Ok(())
+}
