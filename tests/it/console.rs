@@ -237,12 +237,17 @@ fn http(
 struct Chromedriver {
     child: Child,
     port: u16,
+    /// chromedriver's and Chromium's temporary files (profiles, sockets) go here, not into
+    /// /tmp, and go with it.
+    _tmp: tempfile::TempDir,
 }
 
 impl Chromedriver {
     fn start() -> Chromedriver {
+        let tmp = tempfile::tempdir().unwrap();
         let mut child = Command::new("chromedriver")
             .args(["--port=0", "--log-level=WARNING"])
+            .env("TMPDIR", tmp.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -261,7 +266,7 @@ impl Chromedriver {
         }
         assert!(port > 0, "chromedriver did not say its port");
         std::thread::spawn(move || for _ in lines {});
-        Chromedriver { child, port }
+        Chromedriver { child, port, _tmp: tmp }
     }
 }
 
