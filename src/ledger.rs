@@ -716,13 +716,8 @@ pub fn repair_tail(store: &Store, group_events_max: usize) -> Result<u64, OpenEr
             batch.remove_stream(rec.header.subject, rec.header.version);
         }
         if rec.header.kind == Kind::Ledger && rec.header.event_type == crate::audit::EVENT_TYPE {
-            if let Some(action) = serde_json::from_slice::<Value>(&rec.payload)
-                .ok()
-                .and_then(|v| v.get("action").and_then(Value::as_str).map(str::to_owned))
-            {
-                let subject = Some(rec.header.subject).filter(|s| !s.is_nil());
-                batch.remove_audit(pos, subject, &rec.header.actor, &action);
-            }
+            let (subject, action) = crate::audit::index_fields_of(rec.header.subject, &rec.payload);
+            batch.remove_audit(pos, subject, &rec.header.actor, &action);
         }
         if store.subject_created(rec.header.subject)?.is_some_and(|created| created >= pos) {
             batch.remove_subject(rec.header.subject);
@@ -831,8 +826,8 @@ fn redo_after_head(
             Payload::Shredded => batch.put_stream(h.subject, h.version, pos),
             Payload::Ledger(v) => match h.event_type.as_str() {
                 crate::audit::EVENT_TYPE => {
-                    let action = v.get("action").and_then(Value::as_str).unwrap_or("");
-                    batch.put_audit(pos, Some(h.subject).filter(|s| !s.is_nil()), &h.actor, action);
+                    let (subject, action) = crate::audit::index_fields(h.subject, &v);
+                    batch.put_audit(pos, subject, &h.actor, action);
                 }
                 writer::ERASED => {
                     let retain: Vec<writer::Hold> =

@@ -239,11 +239,7 @@ pub fn verify_indexes(
             }
             Kind::Ledger if h.event_type == crate::audit::EVENT_TYPE => {
                 audits += 1;
-                let action = serde_json::from_slice::<serde_json::Value>(&rec.payload)
-                    .ok()
-                    .and_then(|v| v.get("action")?.as_str().map(str::to_owned))
-                    .unwrap_or_default();
-                let subject = Some(h.subject).filter(|s| !s.is_nil());
+                let (subject, action) = crate::audit::index_fields_of(h.subject, &rec.payload);
                 if !store.audit_indexed(pos, subject, &h.actor, &action)? {
                     return brk(pos, "the audit entry is missing from the audit index".into());
                 }

@@ -856,8 +856,8 @@ impl Writer {
             }
             Op::Note { subject, event_type, json, actor } => {
                 if event_type == crate::audit::EVENT_TYPE {
-                    let action = json.get("action").and_then(Value::as_str).unwrap_or("").to_owned();
-                    g.audit.push((position(g), subject, actor.clone(), action));
+                    let (subject, action) = crate::audit::index_fields(subject.unwrap_or(Uuid::nil()), &json);
+                    g.audit.push((position(g), subject, actor.clone(), action.to_owned()));
                 }
                 let header = Header {
                     kind: Kind::Ledger,
