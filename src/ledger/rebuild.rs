@@ -84,6 +84,28 @@ impl Drop for Spill {
     }
 }
 
+/// Spilled bytes between two looks at the disk's free space.
+const SPACE_CHECK_BYTES: u64 = 16 << 20;
+
+fn check_room(dir: &Path, floor: u64) -> Result<(), OpenError> {
+    match crate::store::free_bytes(dir) {
+        Some(free) if free < floor.saturating_add(SPACE_CHECK_BYTES) => Err(spill_error(
+            dir,
+            std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                format!(
+                    "{} MiB free, under the floor of {} MiB (--min-free-mb) and the next spill: rebuilding the \
+                     views needs about the size of the log's subject records free for a while; nothing was lost, \
+                     free some space and open again",
+                    free >> 20,
+                    floor >> 20
+                ),
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn spill_error(path: &Path, e: std::io::Error) -> OpenError {
     OpenError::Store(StoreError::Io { path: path.to_owned(), source: e })
 }
@@ -96,9 +118,10 @@ pub fn rebuild(
     shared: &Shared,
     projections: &Arc<Projections>,
     head: Position,
-    range_subjects: usize,
+    limits: &super::Limits,
     progress: Option<&(dyn Fn(u64, u64) + Send + Sync)>,
 ) -> Result<(), OpenError> {
+    let range_subjects = limits.rebuild_range_subjects;
     let store = &shared.store;
     let subjects: Vec<Uuid> = store.subjects().collect::<Result<_, _>>()?;
     let workers = super::workers();
@@ -134,6 +157,10 @@ pub fn rebuild(
         files.push(BufWriter::with_capacity(1 << 15, f));
     }
     let mut spilled = 0u64;
+    // The spill files take about the size of the log's subject records: they stop short of
+    // the free-space floor the writer keeps (checked before the first byte and then every
+    // `SPACE_CHECK_BYTES`), rather than fill the disk under sled.
+    let mut unchecked = SPACE_CHECK_BYTES;
     for item in store.records(1) {
         let (pos, bytes) = item?;
         if pos > head {
@@ -147,6 +174,11 @@ pub fn rebuild(
             Some(_) => continue,
             None => return Err(decode_at(pos, &bytes).expect_err("peek refused it").into()),
         };
+        if unchecked >= SPACE_CHECK_BYTES {
+            unchecked = 0;
+            check_room(&spill.0, limits.min_free_bytes)?;
+        }
+        unchecked += bytes.len() as u64 + 4;
         let i = bounds.partition_point(|(_, last)| *last < subject);
         let path = spill.file(i);
         let w = &mut files[i];

@@ -330,3 +330,30 @@ fn a_rebuild_removes_every_document_it_does_not_write() {
         assert!(ledger.store().view(view, subject).unwrap().is_none(), "{view}/{subject} is still stored");
     }
 }
+
+/// A rebuild on a disk short of room stops before its spill files take the space the writer
+/// keeps free (`--min-free-mb`), says so, leaves nothing behind, and the next open with room
+/// finishes it.
+#[test]
+fn a_rebuild_without_room_for_its_spill_stops_cleanly_and_resumes() {
+    let s = Scratch::new();
+    let live = {
+        let ledger = s.open();
+        for n in 0..20u8 {
+            let (t, data) = event(n % 6, n);
+            let ev = ledger.prepare(t, Some("2024-01-01"), data).unwrap();
+            let _ = ledger.append(Uuid::new_v4(), None, vec![ev], "t");
+        }
+        all_docs(&ledger)
+    };
+    assert!(!live.is_empty());
+    let free = pdledger::store::free_bytes(&s.data()).unwrap();
+    let mut o = pdledger::ledger::OpenOptions::new(s.data(), pdledger::keyring::Keyring::Dir(s.keyring()), "test");
+    o.rebuild_views = true;
+    o.limits.min_free_bytes = free + (1 << 40);
+    let err = Ledger::open(o).err().expect("no room: refused").to_string();
+    assert!(err.contains("MiB free, under the floor") && err.contains("views-rebuild.tmp"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(s.data()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.iter().all(|n| !n.to_string_lossy().contains("rebuild")), "{left:?}");
+    assert_eq!(all_docs(&s.open()), live);
+}
