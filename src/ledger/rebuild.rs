@@ -84,6 +84,8 @@ impl Drop for Spill {
     }
 }
 
+/// A record's largest size: its payload's limit and the header, chain and lengths around it.
+const SPILLED_RECORD_MAX: usize = record::PAYLOAD_LEN_MAX + 1024;
 /// Spilled bytes between two looks at the disk's free space.
 const SPACE_CHECK_BYTES: u64 = 16 << 20;
 
@@ -172,7 +174,11 @@ pub fn rebuild(
         let subject = match record::peek(&bytes) {
             Some((Kind::Sealed, subject)) => subject,
             Some(_) => continue,
-            None => return Err(decode_at(pos, &bytes).expect_err("peek refused it").into()),
+            // Bytes `peek` cannot read do not decode either: the error names what is wrong.
+            None => {
+                decode_at(pos, &bytes)?;
+                continue;
+            }
         };
         if unchecked >= SPACE_CHECK_BYTES {
             unchecked = 0;
@@ -180,10 +186,10 @@ pub fn rebuild(
         }
         unchecked += bytes.len() as u64 + 4;
         let i = bounds.partition_point(|(_, last)| *last < subject);
-        let path = spill.file(i);
         let w = &mut files[i];
-        w.write_all(&(bytes.len() as u32).to_be_bytes()).map_err(|e| spill_error(&path, e))?;
-        w.write_all(&bytes).map_err(|e| spill_error(&path, e))?;
+        w.write_all(&(bytes.len() as u32).to_be_bytes())
+            .and_then(|_| w.write_all(&bytes))
+            .map_err(|e| spill_error(&spill.file(i), e))?;
         spilled += 1;
     }
     for (i, mut w) in files.into_iter().enumerate() {
@@ -228,7 +234,12 @@ pub fn rebuild(
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
                 other => other.map_err(|e| spill_error(&path, e))?,
             }
-            bytes.resize(u32::from_be_bytes(len) as usize, 0);
+            let len = u32::from_be_bytes(len) as usize;
+            if len > SPILLED_RECORD_MAX {
+                let detail = format!("a spilled record of {len} bytes, over any record's size");
+                return Err(spill_error(&path, std::io::Error::new(std::io::ErrorKind::InvalidData, detail)));
+            }
+            bytes.resize(len, 0);
             r.read_exact(&mut bytes).map_err(|e| spill_error(&path, e))?;
             n += 1;
             if n == STEP {
