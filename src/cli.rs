@@ -108,9 +108,9 @@ enum Command {
         json: bool,
     },
     /// Replay the log, decrypting where the key exists. With --subject, print that subject's
-    /// events and its views as they stand (or stood, with --until); with --rebuild, throw the
-    /// stored views away and rebuild them from the log; otherwise walk everything and print a
-    /// summary.
+    /// events and its views as they stand (or stood, with --until); with --rebuild, rebuild
+    /// every view from the log (over the stored documents); otherwise walk everything and print
+    /// a summary.
     Replay {
         #[command(flatten)]
         data: DataArgs,

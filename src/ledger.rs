@@ -85,7 +85,8 @@ pub struct OpenOptions {
     pub progress: Option<Progress>,
 }
 
-pub type Progress = Arc<dyn Fn(Position, Position) + Send + Sync>;
+/// (work done, work in all).
+pub type Progress = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
 impl OpenOptions {
     /// Options with the shipped schemas and projections and default limits.
@@ -775,7 +776,8 @@ fn redo_after_head(
     to_hash: &ChainHash,
 ) -> Result<(), OpenError> {
     // Derived entries, applied in key order by a thread per core in batches of this many
-    // writes (about 100 bytes each): a restored log derives everything, a crash only a group.
+    // writes (150-250 bytes each in memory, plus the sort's scratch: 250-350 MB at most): a
+    // restored log derives everything, a crash only a group.
     const REDO_BATCH_OPS: usize = 1_500_000;
     let store = &shared.store;
     let threads = workers();

@@ -831,6 +831,14 @@ impl Store {
     }
 
     /// Every subject, in id order.
+    /// The subjects from `first` to `last` (both included), in key order.
+    pub fn subjects_between(&self, first: Uuid, last: Uuid) -> impl Iterator<Item = Result<Uuid, StoreError>> + '_ {
+        self.tree.range(subject_key(P_SUBJECT, first)..=subject_key(P_SUBJECT, last)).map(|kv| {
+            let (k, _) = kv?;
+            k.get(1..).and_then(|b| Uuid::from_slice(b).ok()).ok_or(StoreError::Meta("subject key"))
+        })
+    }
+
     pub fn subjects(&self) -> impl Iterator<Item = Result<Uuid, StoreError>> + '_ {
         self.tree.scan_prefix([P_SUBJECT]).map(|kv| {
             let (k, _) = kv?;
@@ -852,7 +860,7 @@ impl Store {
     pub fn wrapped_keys(&self) -> impl Iterator<Item = Result<(Uuid, u8, Value), StoreError>> + '_ {
         self.tree.scan_prefix([P_KEY]).map(|kv| {
             let (k, v) = kv?;
-            let subject = Uuid::from_slice(&k[1..17]).map_err(|_| StoreError::Meta("key table"))?;
+            let subject = k.get(1..17).and_then(|b| Uuid::from_slice(b).ok()).ok_or(StoreError::Meta("key table"))?;
             Ok((subject, *k.get(17).ok_or(StoreError::Meta("key table"))?, Value(v)))
         })
     }
@@ -867,7 +875,7 @@ impl Store {
         end.push(0xff);
         self.tree.range(subject_key(P_KEY, first)..=end).map(|kv| {
             let (k, v) = kv?;
-            let subject = Uuid::from_slice(&k[1..17]).map_err(|_| StoreError::Meta("key table"))?;
+            let subject = k.get(1..17).and_then(|b| Uuid::from_slice(b).ok()).ok_or(StoreError::Meta("key table"))?;
             Ok((subject, *k.get(17).ok_or(StoreError::Meta("key table"))?, Value(v)))
         })
     }

@@ -148,22 +148,9 @@ impl Projector {
         }
     }
 
-    /// Drops whatever this projector holds for a subject (it was erased).
-    pub fn forget(&mut self, subject: Uuid) {
-        self.docs.retain(|(_, s), _| *s != subject);
-    }
-
-    pub fn len(&self) -> usize {
-        self.docs.len()
-    }
-
     /// The (view index, subject) of every document held.
     pub fn held(&self) -> impl Iterator<Item = (usize, Uuid)> + '_ {
         self.docs.keys().copied()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.docs.is_empty()
     }
 
     /// Seals every touched document into `batch` and starts over. A document whose key is

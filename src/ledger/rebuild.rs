@@ -18,14 +18,18 @@
 //!    built in memory, then sealed and written in key order. One worker per core (up to
 //!    four) takes ranges off a shared queue.
 //!
-//! Memory holds one range's documents per worker, whatever the length of the log. The spill
-//! files hold only sealed records (never plaintext, never a key), sit in the data directory
-//! (`views-rebuild.tmp/`, mode 0700), take about the size of the log's records, and are
-//! removed when the rebuild ends, fails, or (after a crash) starts again.
+//! Memory holds one range's documents per worker, whatever the length of the log. A pass
+//! spills at most 512 ranges (a file open each); more subjects than that (131,072 at 256 a
+//! range) take more passes over the log, not more memory. The spill files hold only sealed
+//! records (never plaintext, never a key), sit in the data directory (`views-rebuild.tmp/`,
+//! mode 0700), take about the size of the log's records, and are removed when the rebuild
+//! ends, fails, or (after a crash) starts again. They stop short of the writer's free-space
+//! floor: without room, the rebuild reads each subject's stream instead (a read per event,
+//! as before this module; slower, no extra disk).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -46,9 +50,9 @@ use crate::views::Projector;
 /// and 70,000 subjects (docs/BENCHMARKS.md): ranges of 256 subjects were as fast as ranges of
 /// 4,096 (the smaller documents' map stays in the CPU's caches) and took 200 MB less.
 pub const RANGE_SUBJECTS: usize = 256;
-/// Ranges at most (each has a spill file open during the scan): past this many subjects,
-/// ranges grow instead.
-const RANGES_MAX: usize = 512;
+/// Ranges per pass over the log at most (each has a spill file open while the log is read):
+/// past this many ranges (131,072 subjects at 256 a range), another pass.
+const RANGES_PER_PASS: usize = 512;
 /// Documents sealed per write batch.
 const FLUSH_DOCS: usize = 10_000;
 /// Records between two looks at the stop flag and two progress reports.
@@ -96,9 +100,7 @@ fn check_room(dir: &Path, floor: u64) -> Result<(), OpenError> {
             std::io::Error::new(
                 std::io::ErrorKind::StorageFull,
                 format!(
-                    "{} MiB free, under the floor of {} MiB (--min-free-mb) and the next spill: rebuilding the \
-                     views needs about the size of the log's subject records free for a while; nothing was lost, \
-                     free some space and open again",
+                    "{} MiB free, under the free-space floor of {} MiB and the next spill",
                     free >> 20,
                     floor >> 20
                 ),
@@ -106,6 +108,11 @@ fn check_room(dir: &Path, floor: u64) -> Result<(), OpenError> {
         )),
         _ => Ok(()),
     }
+}
+
+/// A spill that failed for want of disk space (the floor, or the disk itself).
+fn is_no_room(e: &OpenError) -> bool {
+    matches!(e, OpenError::Store(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::StorageFull)
 }
 
 fn spill_error(path: &Path, e: std::io::Error) -> OpenError {
@@ -127,7 +134,7 @@ pub fn rebuild(
     let store = &shared.store;
     let subjects: Vec<Uuid> = store.subjects().collect::<Result<_, _>>()?;
     let workers = super::workers();
-    let ranges = subjects.len().div_ceil(range_subjects.max(1)).clamp(workers.min(subjects.len()).max(1), RANGES_MAX);
+    let ranges = subjects.len().div_ceil(range_subjects.max(1)).max(workers.min(subjects.len())).max(1);
     let per_range = subjects.len().div_ceil(ranges).max(1);
     // Each range by its first and last possible subject id, so that together they cover
     // every id (nothing stored escapes the rebuild); a subject's range by binary search.
@@ -143,61 +150,82 @@ pub fn rebuild(
         })
         .collect();
     drop(subjects);
-    let spill = Spill::create(store.dir())?;
+    let mut spill = match Spill::create(store.dir()) {
+        Ok(spill) => Some(spill),
+        Err(e) if is_no_room(&e) => None,
+        Err(e) => return Err(e),
+    };
     let started = std::time::Instant::now();
-    let report = |done: u64, all: u64| {
+    // A pass spills and builds at most `RANGES_PER_PASS` ranges (each has a file open while
+    // the log is read): past that many ranges, the log is read once more per pass.
+    let passes = bounds.len().div_ceil(RANGES_PER_PASS) as u64;
+    let total = passes.saturating_mul(2).saturating_mul(head);
+    let report = |done: u64| {
         if let Some(p) = progress {
-            p(done, all)
+            p(done.min(total), total)
         }
     };
-
-    // 1. Spill: the log, once, in position order, each subject event to its range's file.
-    let mut files = Vec::with_capacity(bounds.len());
-    for i in 0..bounds.len() {
-        let path = spill.file(i);
-        let f = File::create(&path).map_err(|e| spill_error(&path, e))?;
-        files.push(BufWriter::with_capacity(1 << 15, f));
-    }
-    let mut spilled = 0u64;
-    // The spill files take about the size of the log's subject records: they stop short of
-    // the free-space floor the writer keeps (checked before the first byte and then every
-    // `SPACE_CHECK_BYTES`), rather than fill the disk under sled.
-    let mut unchecked = SPACE_CHECK_BYTES;
-    for item in store.records(1) {
-        let (pos, bytes) = item?;
-        if pos > head {
-            break;
-        }
-        if pos % STEP == 0 {
-            report(pos, 2 * head);
-        }
-        let subject = match record::peek(&bytes) {
-            Some((Kind::Sealed, subject)) => subject,
-            Some(_) => continue,
-            // Bytes `peek` cannot read do not decode either: the error names what is wrong.
-            None => {
-                decode_at(pos, &bytes)?;
-                continue;
+    for (pass, first_range) in (0..bounds.len()).step_by(RANGES_PER_PASS).enumerate() {
+        let pass_ranges = first_range..(first_range + RANGES_PER_PASS).min(bounds.len());
+        let report = |d: u64| report(pass as u64 * 2 * head + d);
+        match rebuild_pass(
+            shared,
+            projections,
+            head,
+            limits,
+            spill.as_ref(),
+            &bounds,
+            pass_ranges.clone(),
+            workers,
+            &report,
+        ) {
+            Err(e) if spill.is_some() && is_no_room(&e) => {
+                // No room for the spill: the rest goes subject by subject through the streams
+                // (a read per event: slower, but no more disk than the documents themselves).
+                tracing::warn!(error = %e, "views rebuild: no room to spill; reading each subject's stream instead");
+                spill = None;
+                rebuild_pass(shared, projections, head, limits, None, &bounds, pass_ranges, workers, &report)?;
             }
-        };
-        if unchecked >= SPACE_CHECK_BYTES {
-            unchecked = 0;
-            check_room(&spill.0, limits.min_free_bytes)?;
+            other => other?,
         }
-        unchecked += bytes.len() as u64 + 4;
-        let i = bounds.partition_point(|(_, last)| *last < subject);
-        let w = &mut files[i];
-        w.write_all(&(bytes.len() as u32).to_be_bytes())
-            .and_then(|_| w.write_all(&bytes))
-            .map_err(|e| spill_error(&spill.file(i), e))?;
-        spilled += 1;
     }
-    for (i, mut w) in files.into_iter().enumerate() {
-        w.flush().map_err(|e| spill_error(&spill.file(i), e))?;
-    }
-    let all = head + spilled;
-    report(head, all);
-    tracing::info!(spilled, ranges = bounds.len(), secs = started.elapsed().as_secs_f64(), "views rebuild: log read");
+    report(total);
+    tracing::info!(
+        workers,
+        ranges = bounds.len(),
+        passes,
+        secs = started.elapsed().as_secs_f64(),
+        "views rebuild: documents built"
+    );
+    Ok(())
+}
+
+/// One pass: the log read once, spilling the records of `ranges`, then those ranges built.
+/// `report` gets the pass's work done, from 0 to twice the head.
+#[allow(clippy::too_many_arguments)]
+fn rebuild_pass(
+    shared: &Shared,
+    projections: &Arc<Projections>,
+    head: Position,
+    limits: &super::Limits,
+    spill: Option<&Spill>,
+    bounds: &[(Uuid, Uuid)],
+    ranges: std::ops::Range<usize>,
+    workers: usize,
+    report: &(dyn Fn(u64) + Sync),
+) -> Result<(), OpenError> {
+    let store = &shared.store;
+    let started = std::time::Instant::now();
+    // 1. Spill (when there is room for it).
+    let spilled = match spill {
+        Some(spill) => spill_pass(store, head, limits, spill, bounds, &ranges, report)?,
+        // No spill: the build reads the streams; progress counts the log's subject records.
+        None => {
+            report(head);
+            head
+        }
+    };
+    tracing::info!(spilled, ranges = ranges.len(), secs = started.elapsed().as_secs_f64(), "views rebuild: log read");
 
     // 2. Build: each range's documents from its spill file, ranges shared out to workers.
     let master = shared.master();
@@ -223,40 +251,25 @@ pub fn rebuild(
             let key = shared.keys.unwrap(&master, subject, category, &wrapped).map_err(ReadError::from)?;
             keys.insert((subject, category), Arc::new(key));
         }
-        let path = spill.file(i);
-        let mut r = BufReader::with_capacity(1 << 16, File::open(&path).map_err(|e| spill_error(&path, e))?);
         let mut projector = Projector::new(projections.clone());
-        let mut bytes = Vec::new();
         let mut n = 0u64;
-        loop {
-            let mut len = [0u8; 4];
-            match r.read_exact(&mut len) {
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-                other => other.map_err(|e| spill_error(&path, e))?,
-            }
-            let len = u32::from_be_bytes(len) as usize;
-            if len > SPILLED_RECORD_MAX {
-                let detail = format!("a spilled record of {len} bytes, over any record's size");
-                return Err(spill_error(&path, std::io::Error::new(std::io::ErrorKind::InvalidData, detail)));
-            }
-            bytes.resize(len, 0);
-            r.read_exact(&mut bytes).map_err(|e| spill_error(&path, e))?;
+        // One record of the range, in its subject's stream order; true: stop (another worker
+        // failed).
+        let mut apply = |pos: Position, bytes: &[u8]| -> Result<bool, OpenError> {
             n += 1;
             if n == STEP {
-                report(head + built.fetch_add(n, Ordering::Relaxed) + n, all);
+                report(head + (built.fetch_add(n, Ordering::Relaxed) + n) * head / spilled.max(1));
                 n = 0;
                 if stop.load(Ordering::Relaxed) {
-                    return Ok(());
+                    return Ok(true);
                 }
             }
-            let rec = record::decode(&bytes).map_err(|e| {
-                spill_error(&path, std::io::Error::new(std::io::ErrorKind::InvalidData, format!("spilled record: {e}")))
-            })?;
+            let rec = decode_at(pos, bytes)?;
             let h = &rec.header;
-            if !projections.handles(&h.event_type) {
-                continue;
+            if h.kind != Kind::Sealed || !projections.handles(&h.event_type) {
+                return Ok(false);
             }
-            let Some(key) = keys.get(&(h.subject, h.category)) else { continue };
+            let Some(key) = keys.get(&(h.subject, h.category)) else { return Ok(false) };
             if let Payload::Event { occurred_at, data } = open_sealed(key, &rec)? {
                 let recorded_at = crate::time::rfc3339(h.recorded_at_ms);
                 let ev = EventRef {
@@ -269,8 +282,53 @@ pub fn rebuild(
                 };
                 projector.apply_fresh(h.subject, &ev);
             }
+            Ok(false)
+        };
+        match spill {
+            // The range's spill file: its records in log order, so each subject's in stream order.
+            Some(spill) => {
+                let path = spill.file(i);
+                let file = File::open(&path).map_err(|e| spill_error(&path, e))?;
+                let mut r = BufReader::with_capacity(1 << 16, file);
+                let mut bytes = Vec::new();
+                loop {
+                    // A clean end only between frames: a cut frame is an error.
+                    if r.fill_buf().map_err(|e| spill_error(&path, e))?.is_empty() {
+                        break;
+                    }
+                    let mut frame = [0u8; 12];
+                    r.read_exact(&mut frame).map_err(|e| spill_error(&path, e))?;
+                    let len = u32::from_be_bytes(frame[..4].try_into().expect("4 bytes")) as usize;
+                    let pos = u64::from_be_bytes(frame[4..].try_into().expect("8 bytes"));
+                    if len > SPILLED_RECORD_MAX {
+                        let detail = format!("a spilled record of {len} bytes, over any record's size");
+                        return Err(spill_error(&path, std::io::Error::new(std::io::ErrorKind::InvalidData, detail)));
+                    }
+                    bytes.resize(len, 0);
+                    r.read_exact(&mut bytes).map_err(|e| spill_error(&path, e))?;
+                    if apply(pos, &bytes)? {
+                        return Ok(());
+                    }
+                }
+                std::fs::remove_file(&path).map_err(|e| spill_error(&path, e))?;
+            }
+            // No room to spill: each subject's stream, a read per event (slower, no disk).
+            None => {
+                for subject in store.subjects_between(first, last) {
+                    for item in store.stream(subject?, 0) {
+                        let (_, pos) = item?;
+                        if pos > head {
+                            break;
+                        }
+                        let bytes = store.record(pos)?.ok_or(OpenError::Inconsistent { meta: head, log: pos })?;
+                        if apply(pos, &bytes)? {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
         }
-        report(head + built.fetch_add(n, Ordering::Relaxed) + n, all);
+        report(head + (built.fetch_add(n, Ordering::Relaxed) + n) * head / spilled.max(1));
         // Documents stored from before (a rebuild over current definitions keeps them until
         // it overwrites them) that this one does not write again are removed.
         let written: HashSet<(usize, Uuid)> = projector
@@ -292,16 +350,14 @@ pub fn rebuild(
             store.apply(batch)?;
             Ok(())
         })?;
-        // The range is done: its spill file can go now, not at the end.
-        std::fs::remove_file(&path).map_err(|e| spill_error(&path, e))?;
         Ok(())
     };
     let work = || -> Result<(), OpenError> {
         let _guard = StopOnUnwind(&stop);
         let result = (|| {
             while !stop.load(Ordering::Relaxed) {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= bounds.len() {
+                let i = ranges.start + next.fetch_add(1, Ordering::Relaxed);
+                if i >= ranges.end {
                     break;
                 }
                 build_range(i)?;
@@ -315,11 +371,83 @@ pub fn rebuild(
     };
     let results: Vec<Result<(), OpenError>> = std::thread::scope(|scope| {
         let work = &work;
-        let handles: Vec<_> = (0..workers.min(bounds.len())).map(|_| scope.spawn(work)).collect();
+        let handles: Vec<_> = (0..workers.min(ranges.len())).map(|_| scope.spawn(work)).collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
     });
     results.into_iter().collect::<Result<(), _>>()?;
-    report(all, all);
-    tracing::info!(workers, secs = started.elapsed().as_secs_f64(), "views rebuild: documents built");
     Ok(())
+}
+
+/// Reads the log once, in position order, and copies each subject event of `ranges` into its
+/// range's spill file, framed as length ‖ position ‖ record. Returns how many it copied.
+fn spill_pass(
+    store: &crate::store::Store,
+    head: Position,
+    limits: &super::Limits,
+    spill: &Spill,
+    bounds: &[(Uuid, Uuid)],
+    ranges: &std::ops::Range<usize>,
+    report: &(dyn Fn(u64) + Sync),
+) -> Result<u64, OpenError> {
+    let mut files = Vec::with_capacity(ranges.len());
+    for i in ranges.clone() {
+        let path = spill.file(i);
+        let f = File::create(&path).map_err(|e| spill_error(&path, e))?;
+        files.push(BufWriter::with_capacity(1 << 15, f));
+    }
+    let mut spilled = 0u64;
+    // The spill files take about the size of the log's subject records: they stop short of
+    // the free-space floor the writer keeps (checked before the first byte and then every
+    // `SPACE_CHECK_BYTES`), rather than fill the disk under sled.
+    let mut unchecked = SPACE_CHECK_BYTES;
+    let mut expected = 1;
+    for item in store.records(1) {
+        let (pos, bytes) = item?;
+        if pos > head {
+            break;
+        }
+        if pos != expected {
+            return Err(OpenError::Damaged(expected, "it is missing from the log".into()));
+        }
+        expected += 1;
+        if pos % STEP == 0 {
+            report(pos);
+        }
+        if bytes.get(3..11) != Some(&pos.to_be_bytes()[..]) {
+            // Stored under another position, or too short: decoding says which.
+            decode_at(pos, &bytes)?;
+        }
+        let subject = match record::peek(&bytes) {
+            Some((Kind::Sealed, subject)) => subject,
+            Some(_) => continue,
+            // Bytes `peek` cannot read do not decode either: the error names what is wrong.
+            None => {
+                decode_at(pos, &bytes)?;
+                continue;
+            }
+        };
+        if unchecked >= SPACE_CHECK_BYTES {
+            unchecked = 0;
+            check_room(&spill.0, limits.min_free_bytes)?;
+        }
+        let i = bounds.partition_point(|(_, last)| *last < subject);
+        if !ranges.contains(&i) {
+            continue;
+        }
+        unchecked += bytes.len() as u64 + 12;
+        let w = &mut files[i - ranges.start];
+        w.write_all(&(bytes.len() as u32).to_be_bytes())
+            .and_then(|_| w.write_all(&pos.to_be_bytes()))
+            .and_then(|_| w.write_all(&bytes))
+            .map_err(|e| spill_error(&spill.file(i), e))?;
+        spilled += 1;
+    }
+    if expected <= head {
+        return Err(OpenError::Damaged(expected, "it is missing from the log".into()));
+    }
+    for (i, mut w) in ranges.clone().zip(files) {
+        w.flush().map_err(|e| spill_error(&spill.file(i), e))?;
+    }
+    report(head);
+    Ok(spilled)
 }
