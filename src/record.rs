@@ -50,6 +50,17 @@ pub enum Kind {
     Ledger = 2,
 }
 
+impl Kind {
+    /// The kind a stored byte names, if any.
+    pub fn from_byte(b: u8) -> Option<Kind> {
+        match b {
+            1 => Some(Kind::Sealed),
+            2 => Some(Kind::Ledger),
+            _ => None,
+        }
+    }
+}
+
 /// `flags` bit: the last record of a group commit. Records after the last such record were
 /// never acknowledged; opening the ledger removes them (see `ledger::repair_tail`).
 pub const FLAG_COMMIT: u8 = 1;
@@ -103,12 +114,7 @@ pub fn peek(bytes: &[u8]) -> Option<(Kind, Uuid)> {
     if bytes.len() < 27 || bytes[0] != FORMAT_V1 {
         return None;
     }
-    let kind = match bytes[1] {
-        1 => Kind::Sealed,
-        2 => Kind::Ledger,
-        _ => return None,
-    };
-    Some((kind, Uuid::from_bytes(bytes[11..27].try_into().ok()?)))
+    Some((Kind::from_byte(bytes[1])?, Uuid::from_bytes(bytes[11..27].try_into().ok()?)))
 }
 
 /// Checks a header before it is written: our own bugs, caught before they reach the disk.
@@ -220,11 +226,8 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
     if format != FORMAT_V1 {
         return Err(DecodeError::Format(format));
     }
-    let kind = match r.u8("kind")? {
-        1 => Kind::Sealed,
-        2 => Kind::Ledger,
-        k => return Err(DecodeError::Kind(k)),
-    };
+    let k = r.u8("kind")?;
+    let kind = Kind::from_byte(k).ok_or(DecodeError::Kind(k))?;
     let flags = r.u8("flags")?;
     let position = r.u64("position")?;
     let subject = Uuid::from_bytes(r.array("subject")?);
