@@ -27,7 +27,7 @@
 //! floor: without room, the rebuild reads each subject's stream instead (a read per event,
 //! as before this module; slower, no extra disk).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::DirBuilderExt;
@@ -42,7 +42,7 @@ use crate::crypto::SubjectKey;
 use crate::projection::{EventRef, Projections};
 use crate::record::{self, Kind, Position};
 use crate::store::{StoreError, WriteBatch};
-use crate::views::Projector;
+use crate::views::{IdMap, Projector};
 
 /// Subjects per range, about (the default of `Limits::rebuild_range_subjects`): the rebuild's
 /// memory bound is this many subjects' documents (and keys) per worker, about 8 MB at 33 KB
@@ -245,14 +245,17 @@ fn rebuild_pass(
         let (first, last) = bounds[i];
         // An erased subject has keys left only for the categories an erasure kept for a legal
         // obligation: those documents are rebuilt; events of the others have no key, skipped.
-        let mut keys: HashMap<(Uuid, u8), Arc<SubjectKey>> = HashMap::new();
+        let mut keys: IdMap<(Uuid, u8), Arc<SubjectKey>> = IdMap::default();
         for item in store.wrapped_keys_between(first, last) {
             let (subject, category, wrapped) = item?;
             let key = shared.keys.unwrap(&master, subject, category, &wrapped).map_err(ReadError::from)?;
             keys.insert((subject, category), Arc::new(key));
         }
         let mut projector = Projector::new(projections.clone());
+        projector.reserve(keys.len());
         let mut n = 0u64;
+        // Events recorded together share a millisecond: its text is made once for them all.
+        let mut recorded = (u64::MAX, String::new());
         // One record of the range, in its subject's stream order; true: stop (another worker
         // failed).
         let mut apply = |pos: Position, bytes: &[u8]| -> Result<bool, OpenError> {
@@ -271,12 +274,14 @@ fn rebuild_pass(
             }
             let Some(key) = keys.get(&(h.subject, h.category)) else { return Ok(false) };
             if let Payload::Event { occurred_at, data } = open_sealed(key, &rec)? {
-                let recorded_at = crate::time::rfc3339(h.recorded_at_ms);
+                if recorded.0 != h.recorded_at_ms {
+                    recorded = (h.recorded_at_ms, crate::time::rfc3339(h.recorded_at_ms));
+                }
                 let ev = EventRef {
                     event_type: &h.event_type,
                     data: &data,
                     occurred_at: &occurred_at,
-                    recorded_at: &recorded_at,
+                    recorded_at: &recorded.1,
                     version: h.version,
                     position: h.position,
                 };
