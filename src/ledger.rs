@@ -969,7 +969,7 @@ fn catch_up_views(shared: &Shared, opts: &OpenOptions, rebuild: bool) -> Result<
         return Ok(());
     }
     tracing::info!(removed, head, "rebuilding views from the log");
-    rebuild::rebuild(shared, projections, head, &opts.limits, opts.progress.as_deref())?;
+    rebuild::rebuild(shared, projections, head, &opts.limits, !same_defs, opts.progress.as_deref())?;
     let mut batch = WriteBatch::default();
     batch.put_meta(views::META_AT, &head.to_be_bytes());
     store.commit(batch)?;

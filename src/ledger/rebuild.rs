@@ -120,7 +120,8 @@ fn spill_error(path: &Path, e: std::io::Error) -> OpenError {
 }
 
 /// Rebuilds every document from the log up to `head`, writing over the stored ones and
-/// removing those it does not write again.
+/// removing those it does not write again. `cleared`: the caller has just removed every
+/// document (new definitions, a new store), so there is nothing to remove and no range looks.
 /// `progress` gets (work done, work in all): one unit per record scanned and one per event
 /// built.
 pub fn rebuild(
@@ -128,6 +129,7 @@ pub fn rebuild(
     projections: &Arc<Projections>,
     head: Position,
     limits: &super::Limits,
+    cleared: bool,
     progress: Option<&(dyn Fn(u64, u64) + Send + Sync)>,
 ) -> Result<(), OpenError> {
     let range_subjects = limits.rebuild_range_subjects;
@@ -177,6 +179,7 @@ pub fn rebuild(
             &bounds,
             pass_ranges.clone(),
             workers,
+            cleared,
             &report,
         ) {
             Err(e) if spill.is_some() && is_no_room(&e) => {
@@ -184,7 +187,7 @@ pub fn rebuild(
                 // (a read per event: slower, but no more disk than the documents themselves).
                 tracing::warn!(error = %e, "views rebuild: no room to spill; reading each subject's stream instead");
                 spill = None;
-                rebuild_pass(shared, projections, head, limits, None, &bounds, pass_ranges, workers, &report)?;
+                rebuild_pass(shared, projections, head, limits, None, &bounds, pass_ranges, workers, cleared, &report)?;
             }
             other => other?,
         }
@@ -212,6 +215,7 @@ fn rebuild_pass(
     bounds: &[(Uuid, Uuid)],
     ranges: std::ops::Range<usize>,
     workers: usize,
+    cleared: bool,
     report: &(dyn Fn(u64) + Sync),
 ) -> Result<(), OpenError> {
     let store = &shared.store;
@@ -336,20 +340,22 @@ fn rebuild_pass(
         report(head + (built.fetch_add(n, Ordering::Relaxed) + n) * head / spilled.max(1));
         // Documents stored from before (a rebuild over current definitions keeps them until
         // it overwrites them) that this one does not write again are removed.
-        let written: HashSet<(usize, Uuid)> = projector
-            .held()
-            .filter(|(i, s)| keys.contains_key(&(*s, projections.views()[*i].category() as u8)))
-            .collect();
-        let mut stale = WriteBatch::default();
-        for (i, view) in projections.views().iter().enumerate() {
-            for subject in store.view_subjects_between(view.name(), first, last) {
-                let subject = subject?;
-                if !written.contains(&(i, subject)) {
-                    stale.remove_view(view.name(), subject);
+        if !cleared {
+            let written: HashSet<(usize, Uuid)> = projector
+                .held()
+                .filter(|(i, s)| keys.contains_key(&(*s, projections.views()[*i].category() as u8)))
+                .collect();
+            let mut stale = WriteBatch::default();
+            for (i, view) in projections.views().iter().enumerate() {
+                for subject in store.view_subjects_between(view.name(), first, last) {
+                    let subject = subject?;
+                    if !written.contains(&(i, subject)) {
+                        stale.remove_view(view.name(), subject);
+                    }
                 }
             }
+            store.apply(stale)?;
         }
-        store.apply(stale)?;
         let lookup = |s: Uuid, c: u8| Ok(keys.get(&(s, c)).cloned());
         projector.flush_in_batches(&lookup, FLUSH_DOCS, |batch| -> Result<(), ReadError> {
             store.apply(batch)?;
