@@ -275,12 +275,41 @@ impl Pointer {
         let mut cur = data;
         for token in &self.tokens {
             cur = match cur {
-                Value::Object(m) => m.get(token.as_str())?,
+                Value::Object(m) => field(m, token)?,
                 Value::Array(a) => a.get(array_index(token)?)?,
                 _ => return None,
             };
         }
         Some(cur)
+    }
+}
+
+/// Objects up to this many fields are searched by comparing keys, not by hashing the one
+/// sought: events' and documents' objects are small, and SipHash costs more than a few
+/// compares of short keys.
+const SCAN_FIELDS_MAX: usize = 12;
+
+/// `m.get(key)`, without hashing for a small object.
+fn field<'m>(m: &'m Map<String, Value>, key: &str) -> Option<&'m Value> {
+    if m.len() <= SCAN_FIELDS_MAX {
+        m.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    } else {
+        m.get(key)
+    }
+}
+
+/// `m.get_mut(key)`, adding the field as null (last) when it is missing, without hashing for a
+/// small object that has it.
+fn field_or_null<'m>(m: &'m mut Map<String, Value>, key: &str) -> &'m mut Value {
+    let present = if m.len() <= SCAN_FIELDS_MAX { m.keys().any(|k| k == key) } else { m.contains_key(key) };
+    if !present {
+        m.insert(key.to_owned(), Value::Null);
+        return m.get_mut(key).expect("inserted just above");
+    }
+    if m.len() <= SCAN_FIELDS_MAX {
+        m.iter_mut().find(|(k, _)| *k == key).map(|(_, v)| v).expect("present")
+    } else {
+        m.get_mut(key).expect("present")
     }
 }
 
@@ -412,6 +441,12 @@ impl Op {
                 let target = object(slot(doc, &self.path, &keys));
                 if let Value::Object(fields) = value {
                     for (k, v) in fields {
+                        if target.len() <= SCAN_FIELDS_MAX {
+                            if let Some((_, old)) = target.iter_mut().find(|(t, _)| **t == k) {
+                                *old = v;
+                                continue;
+                            }
+                        }
                         target.insert(k, v); // an existing field keeps its place
                     }
                 }
@@ -440,12 +475,8 @@ impl Op {
 fn slot<'d>(doc: &'d mut Value, path: &[Segment], keys: &[Option<Value>]) -> &'d mut Value {
     let mut cur = doc;
     for (seg, key) in path.iter().zip(keys) {
-        let fields = object(cur);
-        // `entry` takes an owned key: look up first, so that only a new field allocates one.
-        if !fields.contains_key(&seg.name) {
-            fields.insert(seg.name.clone(), Value::Null);
-        }
-        let field = fields.get_mut(&seg.name).expect("present or inserted just above");
+        // Not `entry`: it takes an owned key, an allocation for every field already there.
+        let field = field_or_null(object(cur), &seg.name);
         cur = match (&seg.select, key) {
             (Some((k, _)), Some(want)) => {
                 let list = array(field);
@@ -1267,6 +1298,43 @@ mod tests {
         let before = doc.clone();
         assert!(!v.apply(&mut doc, &ev("note.added", &json!({"text": "x"}))));
         assert_eq!(doc, before);
+    }
+
+    #[test]
+    fn small_and_large_objects_are_found_alike() {
+        // Objects up to SCAN_FIELDS_MAX fields are searched by compare, larger ones by hash:
+        // the same result either side of the line, field order included.
+        let v = view(&[
+            r#"    "customer.contact_changed": ["#,
+            r#"      {"set": "contact.email", "value": "/email"},"#,
+            r#"      {"merge": "contact", "value": {"phone": "/phone", "f3": "/address/city"}}"#,
+            r#"    ]"#,
+        ]);
+        for n in [0, SCAN_FIELDS_MAX - 1, SCAN_FIELDS_MAX, SCAN_FIELDS_MAX + 1, 3 * SCAN_FIELDS_MAX] {
+            let fillers = |extra: Vec<(String, Value)>| -> Value {
+                let mut m: Map<String, Value> = (0..n).map(|i| (format!("f{i}"), Value::from(i))).collect();
+                m.extend(extra);
+                Value::Object(m)
+            };
+            let mut doc = json!({ "contact": fillers(vec![("email".into(), json!("old@x"))]) });
+            let data = fillers(vec![
+                ("email".into(), json!("a@b")),
+                ("phone".into(), json!("08-1")),
+                ("address".into(), json!({"city": "Lund"})),
+            ]);
+            assert!(v.apply(&mut doc, &ev("customer.contact_changed", &data)));
+            let mut want: Vec<(String, Value)> = (0..n).map(|i| (format!("f{i}"), Value::from(i))).collect();
+            if n > 3 {
+                want[3].1 = json!("Lund");
+            }
+            want.push(("email".into(), json!("a@b")));
+            want.push(("phone".into(), json!("08-1")));
+            if n <= 3 {
+                want.push(("f3".into(), json!("Lund")));
+            }
+            let got: Vec<(String, Value)> = doc["contact"].as_object().unwrap().clone().into_iter().collect();
+            assert_eq!(got, want, "{n} fields");
+        }
     }
 
     #[test]
