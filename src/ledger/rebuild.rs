@@ -259,7 +259,7 @@ fn rebuild_pass(
         projector.reserve(keys.len());
         let mut n = 0u64;
         // Events recorded together share a millisecond: its text is made once for them all.
-        let mut recorded = (u64::MAX, String::new());
+        let mut recorded: (Option<u64>, String) = (None, String::new());
         // One record of the range, in its subject's stream order; true: stop (another worker
         // failed).
         let mut apply = |pos: Position, bytes: &[u8]| -> Result<bool, OpenError> {
@@ -278,8 +278,8 @@ fn rebuild_pass(
             }
             let Some(key) = keys.get(&(h.subject, h.category)) else { return Ok(false) };
             if let Payload::Event { occurred_at, data } = open_sealed(key, &rec)? {
-                if recorded.0 != h.recorded_at_ms {
-                    recorded = (h.recorded_at_ms, crate::time::rfc3339(h.recorded_at_ms));
+                if recorded.0 != Some(h.recorded_at_ms) {
+                    recorded = (Some(h.recorded_at_ms), crate::time::rfc3339(h.recorded_at_ms));
                 }
                 let ev = EventRef {
                     event_type: &h.event_type,

@@ -131,17 +131,53 @@ fn event(kind: u8, n: u8) -> (&'static str, Value) {
     }
 }
 
+/// The shipped views plus `stamps`, which uses the event's metadata (`$recorded_at`,
+/// `$version`, `$position`, `$type`), when `stamps`; else the shipped views alone.
+fn projections(stamps: bool) -> std::sync::Arc<pdledger::projection::Projections> {
+    let schemas = pdledger::schema::Schemas::builtin();
+    let mut p = pdledger::projection::Projections::builtin(&schemas).unwrap();
+    if stamps {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["customer.json", "projects.json", "billing.json"] {
+            std::fs::copy(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("projections").join(f),
+                dir.path().join(f),
+            )
+            .unwrap();
+        }
+        let stamps = r#"{"view": "stamps", "description": "when each change was recorded", "on": {
+            "customer.contact_changed": [{"append": "changes", "value": {"at": "$recorded_at", "v": "$version", "p": "$position", "t": "$type"}}],
+            "customer.registered": [{"set": "registered_at", "value": "$recorded_at"}]}}"#;
+        std::fs::write(dir.path().join("stamps.json"), stamps).unwrap();
+        p = pdledger::projection::Projections::load_dir(dir.path(), &schemas).unwrap();
+    }
+    std::sync::Arc::new(p)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
     /// Random appends (and erasures) to a few subjects: the documents rebuilt from the log
     /// are byte-equal to the ones the appends produced, however the rebuild cuts the subjects
     /// into ranges (one range for all, or one per subject), and its spill files are gone after.
+    /// The rebuild is either a requested one over the same definitions (it writes over the
+    /// stored documents) or the one a change of definitions forces (it starts from none): the
+    /// store is opened once without the `stamps` view, then again with it.
     #[test]
-    fn replay_equals_live(ops in prop::collection::vec((0u8..4, 0u8..7, any::<u8>()), 1..60), range in 1usize..5) {
+    fn replay_equals_live(
+        ops in prop::collection::vec((0u8..4, 0u8..7, any::<u8>()), 1..60),
+        range in 1usize..5,
+        changed_definitions in any::<bool>(),
+    ) {
         let s = Scratch::new();
         let subjects: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
+        let options = |stamps: bool| {
+            let mut o = pdledger::ledger::OpenOptions::new(s.data(), pdledger::keyring::Keyring::Dir(s.keyring()), "test");
+            o.projections = projections(stamps);
+            o.limits.rebuild_range_subjects = range;
+            o
+        };
         let live = {
-            let ledger = s.open();
+            let ledger = Ledger::open(options(true)).unwrap();
             for (who, kind, n) in &ops {
                 let subject = subjects[*who as usize];
                 if *kind == 6 {
@@ -154,10 +190,14 @@ proptest! {
             }
             all_docs(&ledger)
         };
-        let mut o = pdledger::ledger::OpenOptions::new(s.data(), pdledger::keyring::Keyring::Dir(s.keyring()), "test");
-        o.rebuild_views = true;
-        o.limits.rebuild_range_subjects = range;
-        let rebuilt = all_docs(&Ledger::open(o).unwrap());
+        let rebuilt = if changed_definitions {
+            drop(Ledger::open(options(false)).unwrap());
+            all_docs(&Ledger::open(options(true)).unwrap())
+        } else {
+            let mut o = options(true);
+            o.rebuild_views = true;
+            all_docs(&Ledger::open(o).unwrap())
+        };
         prop_assert_eq!(live, rebuilt);
         let left: Vec<_> = std::fs::read_dir(s.data()).unwrap().map(|e| e.unwrap().file_name()).collect();
         prop_assert!(left.iter().all(|n| !n.to_string_lossy().contains("rebuild")), "{:?}", left);
