@@ -117,7 +117,7 @@ fn json_value(out: &mut Vec<u8>, v: &Value) {
 }
 
 /// A string as JSON: copied whole when nothing in it needs escaping (the test runs over every
-/// byte without stopping, which the compiler turns into wide compares), else serde_json's.
+/// byte without stopping early, so that it can be vectorised), else serde_json's.
 fn json_str(out: &mut Vec<u8>, s: &str) {
     let escapes = s.bytes().fold(false, |any, b| any | (b < 0x20) | (b == b'"') | (b == b'\\'));
     if escapes {

@@ -339,7 +339,8 @@ fn rebuild_pass(
         }
         report(head + (built.fetch_add(n, Ordering::Relaxed) + n) * head / spilled.max(1));
         // Documents stored from before (a rebuild over current definitions keeps them until
-        // it overwrites them) that this one does not write again are removed.
+        // it overwrites them) that this one does not write again are removed; after a clear
+        // there are none to look for.
         if !cleared {
             let written: HashSet<(usize, Uuid)> = projector
                 .held()
