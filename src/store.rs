@@ -401,6 +401,43 @@ fn lock(dir: &Path, holder: &str) -> Result<File, StoreError> {
     Ok(f)
 }
 
+/// Removes the snapshot files sled left unfinished (`snap.<16 hex>.generating`) when its
+/// process died while writing one. sled 0.34 writes a snapshot at every open: to that name,
+/// then fsync, then a rename to `snap.<16 hex>`, then it removes the older ones. But when it
+/// reads, it takes the greatest name among all `snap.` files, the unfinished one included: a
+/// kill at the wrong moment of an open (or of the `erase`, `backup` or `import` that opened
+/// it) left a store that refused to open ("Read corrupted data", sled issues 1527 and 1533;
+/// seen by `kill_during_erase_and_rotation_leaves_it_done_or_not_started`). Without it,
+/// sled reads the newest finished snapshot (or none) and replays its log from there, which
+/// is what it does after any crash. Called with the directory lock held, so no other process
+/// is writing one.
+fn remove_unfinished_snapshots(sled_dir: &Path) -> Result<(), StoreError> {
+    let entries = match fs::read_dir(sled_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(sled_dir)(e)),
+    };
+    let mut removed = false;
+    for entry in entries {
+        let entry = entry.map_err(io(sled_dir))?;
+        let name = entry.file_name();
+        let Some(lsn) = name.to_str().and_then(|n| n.strip_prefix("snap.")).and_then(|n| n.strip_suffix(".generating"))
+        else {
+            continue;
+        };
+        if lsn.len() == 16 && lsn.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let path = entry.path();
+            fs::remove_file(&path).map_err(io(&path))?;
+            tracing::warn!(file = %path.display(), "removed a snapshot sled left unfinished (a crash while it wrote it)");
+            removed = true;
+        }
+    }
+    if removed {
+        File::open(sled_dir).and_then(|f| f.sync_all()).map_err(io(sled_dir))?;
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating if needed) the store in `dir`. `holder` says who we are, for the
     /// message another process gets while we hold the lock.
@@ -409,6 +446,7 @@ impl Store {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io(dir))?;
         let lock = lock(dir, holder)?;
         let path = dir.join(STORE_DIR);
+        remove_unfinished_snapshots(&path)?;
         let config = sled::Config::new()
             .path(&path)
             .cache_capacity(cache_bytes)
