@@ -369,54 +369,38 @@ async fn lockout_after_failures_and_recovery_after_the_wait() {
         AuthConfig { failures_per_account: 3, failures_per_address: 100, lockout_secs: 60, ..Default::default() };
     let app = App::with(config, ApiConfig::default());
     let wrong = json!({"username": "staff", "password": "not-the-password!"});
-    let unknown = json!({"username": "nosuchuser", "password": "not-the-password!"});
-    let mut bodies = vec![];
-    let (mut t_wrong, mut t_unknown) = (vec![], vec![]);
-    for _ in 0..2 {
-        let t = Instant::now();
-        let r = app.call(Method::POST, "/v1/auth/login", None, Some(wrong.clone())).await;
-        t_wrong.push(t.elapsed());
-        assert_eq!(r.status, 401);
-        bodies.push(r.body);
-        let t = Instant::now();
-        let r = app.call(Method::POST, "/v1/auth/login", None, Some(unknown.clone())).await;
-        t_unknown.push(t.elapsed());
-        assert_eq!(r.status, 401);
-        bodies.push(r.body);
-    }
-    // Same body for an unknown user and a wrong password.
-    assert!(bodies.windows(2).all(|w| w[0] == w[1]), "{bodies:?}");
+    // A failed login as `username`: its time and its body.
+    let failed = |username: String| {
+        let app = &app;
+        async move {
+            let body = json!({"username": username, "password": "not-the-password!"});
+            let t = Instant::now();
+            let r = app.call(Method::POST, "/v1/auth/login", None, Some(body)).await;
+            let took = t.elapsed();
+            assert_eq!(r.status, 401);
+            (took, r.body)
+        }
+    };
     // Similar timing: both pay one Argon2id verification and one audit write. The fastest of
     // eight of each, interleaved (on a busy 2-core machine, with other tests running, two
-    // samples each once differed 3.2x): more wrong passwords on accounts of their own, one
-    // each, below their lockout.
+    // samples each once differed 3.2x): two on `staff`, then one each on accounts of their
+    // own, so that no account reaches its lockout.
     for i in 0..6 {
         app.auth.create_user(&format!("timing{i}"), PASSWORD, Role::Staff).unwrap();
     }
-    for i in 0..6 {
-        let t = Instant::now();
-        let r = app
-            .call(
-                Method::POST,
-                "/v1/auth/login",
-                None,
-                Some(json!({"username": format!("timing{i}"), "password": "not-the-password!"})),
-            )
-            .await;
-        t_wrong.push(t.elapsed());
-        assert_eq!(r.status, 401);
-        let t = Instant::now();
-        let r = app
-            .call(
-                Method::POST,
-                "/v1/auth/login",
-                None,
-                Some(json!({"username": format!("nosuchuser{i}"), "password": "not-the-password!"})),
-            )
-            .await;
-        t_unknown.push(t.elapsed());
-        assert_eq!(r.status, 401);
+    let mut bodies = vec![];
+    let (mut t_wrong, mut t_unknown) = (vec![], vec![]);
+    for i in 0..8 {
+        let user = if i < 2 { "staff".to_owned() } else { format!("timing{}", i - 2) };
+        let (took, body) = failed(user).await;
+        t_wrong.push(took);
+        bodies.push(body);
+        let (took, body) = failed(format!("nosuchuser{i}")).await;
+        t_unknown.push(took);
+        bodies.push(body);
     }
+    // Same body for an unknown user and a wrong password.
+    assert!(bodies.windows(2).all(|w| w[0] == w[1]), "{bodies:?}");
     let (w, u) = (t_wrong.iter().min().unwrap().as_secs_f64(), t_unknown.iter().min().unwrap().as_secs_f64());
     assert!(w / u < 3.0 && u / w < 3.0, "wrong password {w:.4}s vs unknown user {u:.4}s");
 
