@@ -298,19 +298,21 @@ fn field<'m>(m: &'m Map<String, Value>, key: &str) -> Option<&'m Value> {
     }
 }
 
-/// `m.get_mut(key)`, adding the field as null (last) when it is missing, without hashing for a
-/// small object that has it.
-fn field_or_null<'m>(m: &'m mut Map<String, Value>, key: &str) -> &'m mut Value {
-    let present = if m.len() <= SCAN_FIELDS_MAX { m.keys().any(|k| k == key) } else { m.contains_key(key) };
-    if !present {
-        m.insert(key.to_owned(), Value::Null);
-        return m.get_mut(key).expect("inserted just above");
-    }
+/// `m.get_mut(key)`, without hashing for a small object.
+fn field_mut<'m>(m: &'m mut Map<String, Value>, key: &str) -> Option<&'m mut Value> {
     if m.len() <= SCAN_FIELDS_MAX {
-        m.iter_mut().find(|(k, _)| *k == key).map(|(_, v)| v).expect("present")
+        m.iter_mut().find(|(k, _)| *k == key).map(|(_, v)| v)
     } else {
-        m.get_mut(key).expect("present")
+        m.get_mut(key)
     }
+}
+
+/// `field_mut`, adding the field as null (last) when it is missing.
+fn field_or_null<'m>(m: &'m mut Map<String, Value>, key: &str) -> &'m mut Value {
+    if field(m, key).is_none() {
+        m.insert(key.to_owned(), Value::Null);
+    }
+    field_mut(m, key).expect("present or inserted just above")
 }
 
 /// An array index as RFC 6901 writes it: digits, no sign, no leading zero.
@@ -441,13 +443,12 @@ impl Op {
                 let target = object(slot(doc, &self.path, &keys));
                 if let Value::Object(fields) = value {
                     for (k, v) in fields {
-                        if target.len() <= SCAN_FIELDS_MAX {
-                            if let Some((_, old)) = target.iter_mut().find(|(t, _)| **t == k) {
-                                *old = v;
-                                continue;
+                        match field_mut(target, &k) {
+                            Some(old) => *old = v, // an existing field keeps its place
+                            None => {
+                                target.insert(k, v);
                             }
                         }
-                        target.insert(k, v); // an existing field keeps its place
                     }
                 }
             }
@@ -527,11 +528,10 @@ fn remove(doc: &mut Value, path: &[Segment], keys: &[Option<Value>]) {
     }
 }
 
-/// Whether the list element `e` is an object whose field `key` equals `want`. A linear look at
-/// the element's fields, not `Value::get`: that hashes the key (SipHash) for every element of
-/// every list an event's selector walks, and an upserted element has its key field first.
+/// Whether the list element `e` is an object whose field `key` equals `want` (`field`, not
+/// `Value::get`: a selector looks at every element of the list it walks).
 fn selects(e: &Value, key: &str, want: &Value) -> bool {
-    e.as_object().and_then(|fields| fields.iter().find(|(k, _)| *k == key)).is_some_and(|(_, v)| v == want)
+    e.as_object().and_then(|fields| field(fields, key)) == Some(want)
 }
 
 /// `v` as an object, replacing it with an empty one if it is anything else.
