@@ -453,16 +453,16 @@ fn same_shape(a: &Value, b: &Value) -> bool {
 /// Whether `field` selects an array element in `view` (`invoices[invoice_number=/invoice_number]`):
 /// applying the event twice lands in the same element, applying it again with the field's
 /// values changed makes another one. Such fields identify; they are never marked.
-fn selects(view: &View, ev: &EventRef<'_>, field: &str) -> bool {
-    let mut changed = ev.data.clone();
+fn selects(view: &View, ev: &EventRef<'_>, data: &Value, field: &str) -> bool {
+    let mut changed = data.clone();
     let mut scratch = vec![];
-    changed[field] = mark(&ev.data[field], 0, field, &mut scratch);
+    changed[field] = mark(&data[field], 0, field, &mut scratch);
     let empty = || Value::Object(Map::new());
     let (mut twice, mut other) = (empty(), empty());
     view.apply(&mut twice, ev);
     view.apply(&mut twice, ev);
     view.apply(&mut other, ev);
-    view.apply(&mut other, &EventRef { data: &changed, ..*ev });
+    view.apply(&mut other, &EventRef { data: (&changed).into(), ..*ev });
     !same_shape(&twice, &other)
 }
 
@@ -489,11 +489,11 @@ fn superseded_fields(projections: &Projections, events: &[StoredEvent]) -> Vec<V
             let mut data = e.data.clone();
             for (field, value) in fields {
                 let key = (vi, e.event_type.as_str(), field.as_str());
-                if !*selectors.entry(key).or_insert_with(|| selects(view, &ev, field)) {
+                if !*selectors.entry(key).or_insert_with(|| selects(view, &ev, &e.data, field)) {
                     data[field.as_str()] = mark(value, i, field, &mut markers);
                 }
             }
-            let marked = EventRef { data: &data, ..ev };
+            let marked = EventRef { data: (&data).into(), ..ev };
             let mut alone = Value::Object(Map::new());
             view.apply(&mut alone, &marked);
             count_marks(&alone, &mut markers, |m| m.placed += 1);

@@ -623,7 +623,7 @@ impl StoredEvent {
     pub fn as_event_ref(&self) -> EventRef<'_> {
         EventRef {
             event_type: &self.event_type,
-            data: &self.data,
+            data: (&self.data).into(),
             occurred_at: &self.occurred_at,
             recorded_at: &self.recorded_at,
             version: self.version,
@@ -676,19 +676,40 @@ fn open_record(shared: &Shared, master: &MasterKey, rec: &Record) -> Result<Payl
 
 /// Opens a subject event with its key.
 fn open_sealed(key: &crate::crypto::SubjectKey, rec: &Record) -> Result<Payload, ReadError> {
-    let pos = rec.header.position;
-    let plain = zeroize::Zeroizing::new(
-        key.open(&rec.nonce, &record::seal_aad(&rec.header), &rec.payload)
-            .map_err(|e| ReadError::Damaged { position: pos, detail: e.to_string() })?,
-    );
+    let plain = open_plain(key, rec)?;
     #[derive(serde::Deserialize)]
     struct Sealed {
         occurred_at: String,
         data: Value,
     }
-    let s: Sealed = serde_json::from_slice(&plain)
-        .map_err(|e| ReadError::Damaged { position: pos, detail: format!("sealed payload is not an event: {e}") })?;
+    let s: Sealed = serde_json::from_slice(&plain).map_err(|e| not_an_event(rec, e))?;
     Ok(Payload::Event { occurred_at: s.occurred_at, data: s.data })
+}
+
+/// A sealed event record's plaintext: `{"occurred_at": ..., "data": ...}`.
+fn open_plain(key: &crate::crypto::SubjectKey, rec: &Record) -> Result<zeroize::Zeroizing<Vec<u8>>, ReadError> {
+    let plain = key
+        .open(&rec.nonce, &record::seal_aad(&rec.header), &rec.payload)
+        .map_err(|e| ReadError::Damaged { position: rec.header.position, detail: e.to_string() })?;
+    Ok(zeroize::Zeroizing::new(plain))
+}
+
+fn not_an_event(rec: &Record, e: serde_json::Error) -> ReadError {
+    ReadError::Damaged { position: rec.header.position, detail: format!("sealed payload is not an event: {e}") }
+}
+
+/// A sealed event's plaintext read as `open_sealed` reads it, into a tree borrowing from it
+/// (`crate::json`): how a rebuild reads each event, without a map per object.
+#[derive(serde::Deserialize)]
+struct SealedTree<'a> {
+    #[serde(borrow)]
+    occurred_at: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    data: crate::json::Json<'a>,
+}
+
+fn parse_sealed<'a>(rec: &Record, plain: &'a [u8]) -> Result<SealedTree<'a>, ReadError> {
+    serde_json::from_slice(plain).map_err(|e| not_an_event(rec, e))
 }
 
 /// Removes the records after the last commit mark: a group commit cut short by a crash, never
@@ -920,7 +941,7 @@ fn project_subject(
             let recorded_at = crate::time::rfc3339(rec.header.recorded_at_ms);
             let ev = EventRef {
                 event_type: &rec.header.event_type,
-                data: &data,
+                data: (&data).into(),
                 occurred_at: &occurred_at,
                 recorded_at: &recorded_at,
                 version: rec.header.version,

@@ -13,6 +13,7 @@
 //! - [`keys`]: subject keys unwrapped on demand, cached in memory.
 //! - [`schema`]: event types, validation, data categories, lookup annotations.
 //! - [`lookup`]: lookup keys and how their values are normalised for the blind index.
+//! - [`json`]: a borrowed, read-only JSON tree: how a rebuild reads events without a map per object.
 //! - [`projection`]: view definitions from `projections/`, checked against the schemas; applying them (pure).
 //! - [`writer`]: the single writer thread and group commit.
 //! - [`ledger`]: everything above joined: open, append, read, walk the log.
@@ -44,6 +45,7 @@ pub mod crypto;
 pub mod export;
 pub mod generate;
 pub mod import;
+pub mod json;
 pub mod keyring;
 pub mod keys;
 pub mod ledger;

@@ -7,11 +7,13 @@
 //! no keys. Whoever keeps the documents seals each under the subject's key for the view's
 //! category. The format is described in `projections/README.md`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
+use crate::json::Json;
 use crate::schema::{Category, EventSchema, Schemas};
 
 /// The views shipped in `projections/`, compiled in. A unit test checks this list against the
@@ -56,18 +58,44 @@ pub struct ProjectionError {
 #[derive(Clone, Copy, Debug)]
 pub struct EventRef<'a> {
     pub event_type: &'a str,
-    pub data: &'a Value,
+    pub data: EventData<'a>,
     pub occurred_at: &'a str,
     pub recorded_at: &'a str,
     pub version: u64,
     pub position: u64,
 }
 
+/// An event's data: a `Value` where the event is at hand as one (appends, extracts), or the
+/// borrowed tree a rebuild parses each event into (`crate::json`). Views read both alike.
+#[derive(Clone, Copy, Debug)]
+pub enum EventData<'a> {
+    Value(&'a Value),
+    Json(&'a Json<'a>),
+}
+
+impl<'a> From<&'a Value> for EventData<'a> {
+    fn from(v: &'a Value) -> EventData<'a> {
+        EventData::Value(v)
+    }
+}
+
+impl<'a> From<&'a Json<'a>> for EventData<'a> {
+    fn from(j: &'a Json<'a>) -> EventData<'a> {
+        EventData::Json(j)
+    }
+}
+
 /// All view definitions, sorted by name.
 #[derive(Debug)]
 pub struct Projections {
     views: Vec<View>,
+    /// For each event type, the views that consume it (index into `views`) and their rules:
+    /// one lookup per event where asking each view would take one per view.
+    consumers: HashMap<String, Vec<(usize, Ops)>>,
 }
+
+/// One view's operations for one event type, shared by the view and `Projections::consumers`.
+type Ops = Arc<[Op]>;
 
 impl Projections {
     /// The shipped definitions, checked against `schemas`.
@@ -116,7 +144,13 @@ impl Projections {
             views.push(view);
         }
         views.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Projections { views })
+        let mut consumers: HashMap<String, Vec<(usize, Ops)>> = HashMap::new();
+        for (i, view) in views.iter().enumerate() {
+            for (event_type, ops) in &view.on {
+                consumers.entry(event_type.clone()).or_default().push((i, ops.clone()));
+            }
+        }
+        Ok(Projections { views, consumers })
     }
 
     pub fn views(&self) -> &[View] {
@@ -138,7 +172,13 @@ impl Projections {
 
     /// Whether any view consumes events of this type.
     pub fn handles(&self, event_type: &str) -> bool {
-        self.views.iter().any(|v| v.handles(event_type))
+        self.consumers.contains_key(event_type)
+    }
+
+    /// The views that consume events of this type, in view order: each one's index in
+    /// `views()` and its rules for the type (`View::rules` of each, in one lookup).
+    pub fn consumers(&self, event_type: &str) -> impl Iterator<Item = (usize, Rules<'_>)> {
+        self.consumers.get(event_type).into_iter().flatten().map(|(i, ops)| (*i, Rules(ops)))
     }
 }
 
@@ -148,7 +188,7 @@ pub struct View {
     name: String,
     description: String,
     category: Category,
-    on: BTreeMap<String, Vec<Op>>,
+    on: BTreeMap<String, Ops>,
 }
 
 impl View {
@@ -282,6 +322,27 @@ impl Pointer {
         }
         Some(cur)
     }
+
+    /// As `get`, in a borrowed tree.
+    fn get_json<'j, 'a>(&self, data: &'j Json<'a>) -> Option<&'j Json<'a>> {
+        let mut cur = data;
+        for token in &self.tokens {
+            cur = match cur {
+                Json::Object(_) => cur.get(token)?,
+                Json::Array(a) => a.get(array_index(token)?)?,
+                _ => return None,
+            };
+        }
+        Some(cur)
+    }
+
+    /// The value at the pointer in an event's data, as a `Value` of its own.
+    fn resolve(&self, data: EventData<'_>) -> Option<Value> {
+        match data {
+            EventData::Value(v) => self.get(v).cloned(),
+            EventData::Json(j) => self.get_json(j).map(Json::to_value),
+        }
+    }
 }
 
 /// Objects up to this many fields are searched by comparing keys, not by hashing the one
@@ -327,7 +388,7 @@ impl Source {
     /// None when the pointer does not resolve in this event's data ("absent").
     fn resolve(&self, ev: &EventRef<'_>) -> Option<Value> {
         match self {
-            Source::Pointer(p) => p.get(ev.data).cloned(),
+            Source::Pointer(p) => p.resolve(ev.data),
             Source::Meta(m) => Some(match m {
                 Meta::OccurredAt => ev.occurred_at.into(),
                 Meta::RecordedAt => ev.recorded_at.into(),
@@ -418,15 +479,19 @@ impl Op {
 
     fn apply(&self, doc: &mut Value, ev: &EventRef<'_>) {
         // Resolve everything the event supplies before touching the document, so that a
-        // skipped operation leaves no trace (no half-created parents).
-        let mut keys = Vec::with_capacity(self.path.len());
-        for seg in &self.path {
-            match &seg.select {
-                Some((_, sel)) => match sel.resolve(ev) {
-                    Some(v) => keys.push(Some(v)),
-                    None => return,
-                },
-                None => keys.push(None),
+        // skipped operation leaves no trace (no half-created parents). `keys`: one per segment
+        // when the path has a selector, else none (and no allocation).
+        let mut keys = Vec::new();
+        if self.path.iter().any(|seg| seg.select.is_some()) {
+            keys.reserve_exact(self.path.len());
+            for seg in &self.path {
+                match &seg.select {
+                    Some((_, sel)) => match sel.resolve(ev) {
+                        Some(v) => keys.push(Some(v)),
+                        None => return,
+                    },
+                    None => keys.push(None),
+                }
             }
         }
         let value = match &self.value {
@@ -471,24 +536,30 @@ impl Op {
     }
 }
 
+/// The selector value of segment `i`: `keys` has one per segment, or none when the path has
+/// no selector.
+fn key_of(keys: &[Option<Value>], i: usize) -> Option<&Value> {
+    keys.get(i).and_then(Option::as_ref)
+}
+
 /// The value at `path`, creating what is missing on the way (objects for fields, arrays and
 /// upserted `{key: value}` elements for selectors) and replacing what has the wrong shape.
 fn slot<'d>(doc: &'d mut Value, path: &[Segment], keys: &[Option<Value>]) -> &'d mut Value {
     let mut cur = doc;
-    for (seg, key) in path.iter().zip(keys) {
+    for (i, seg) in path.iter().enumerate() {
         // Not `entry`: it takes an owned key, an allocation for every field already there.
         let field = field_or_null(object(cur), &seg.name);
-        cur = match (&seg.select, key) {
+        cur = match (&seg.select, key_of(keys, i)) {
             (Some((k, _)), Some(want)) => {
                 let list = array(field);
-                let i = match list.iter().position(|e| selects(e, k, want)) {
-                    Some(i) => i,
+                let at = match list.iter().position(|e| selects(e, k, want)) {
+                    Some(at) => at,
                     None => {
                         list.push(Value::Object(Map::from_iter([(k.clone(), want.clone())])));
                         list.len() - 1
                     }
                 };
-                &mut list[i]
+                &mut list[at]
             }
             _ => field,
         };
@@ -501,9 +572,9 @@ fn slot<'d>(doc: &'d mut Value, path: &[Segment], keys: &[Option<Value>]) -> &'d
 fn remove(doc: &mut Value, path: &[Segment], keys: &[Option<Value>]) {
     let Some((last, parents)) = path.split_last() else { return };
     let mut cur = doc;
-    for (seg, key) in parents.iter().zip(keys) {
+    for (i, seg) in parents.iter().enumerate() {
         let Some(field) = cur.get_mut(seg.name.as_str()) else { return };
-        cur = match (&seg.select, key) {
+        cur = match (&seg.select, key_of(keys, i)) {
             (Some((k, _)), Some(want)) => {
                 match field.as_array_mut().and_then(|l| l.iter_mut().find(|e| selects(e, k, want))) {
                     Some(e) => e,
@@ -514,8 +585,8 @@ fn remove(doc: &mut Value, path: &[Segment], keys: &[Option<Value>]) {
         };
     }
     let Some(obj) = cur.as_object_mut() else { return };
-    match (&last.select, keys.last()) {
-        (Some((k, _)), Some(Some(want))) => {
+    match (&last.select, key_of(keys, parents.len())) {
+        (Some((k, _)), Some(want)) => {
             if let Some(Value::Array(list)) = obj.get_mut(&last.name) {
                 if let Some(i) = list.iter().position(|e| selects(e, k, want)) {
                     list.remove(i);
@@ -653,7 +724,7 @@ pub fn parse_view(file: &str, stem: &str, text: &str, schemas: &Schemas) -> Resu
             _ => return Err(cx.err(&type_at, format!("`{event_type}` needs a non-empty list of operations"))),
         };
         let ops = ops.iter().enumerate().map(|(i, op)| parse_op(&cx, &at(&type_at, i), op, schema));
-        compiled.insert(event_type.clone(), ops.collect::<Result<Vec<_>, _>>()?);
+        compiled.insert(event_type.clone(), ops.collect::<Result<Ops, _>>()?);
     }
     let (_, category) = category.ok_or_else(|| cx.err(&on_at, "`on` names no event type"))?;
     Ok(View { name, description, category, on: compiled })
@@ -1041,7 +1112,7 @@ mod tests {
     fn ev<'a>(event_type: &'a str, data: &'a Value) -> EventRef<'a> {
         EventRef {
             event_type,
-            data,
+            data: data.into(),
             occurred_at: "2024-05-01",
             recorded_at: "2024-05-01T10:00:00.000Z",
             version: 3,
@@ -1075,6 +1146,7 @@ mod tests {
             assert!(p.handles(t));
         }
         assert!(!p.handles("audit"));
+        assert_eq!(p.consumers("audit").count(), 0);
         let types: Vec<&str> = p.get("billing").unwrap().event_types().collect();
         assert_eq!(types, ["invoice.issued", "invoice.paid"]);
     }
@@ -1229,9 +1301,37 @@ mod tests {
             "/a/b~1c/deeper",
             "/",
         ];
+        let text = data.to_string();
+        let tree: Json = serde_json::from_str(&text).unwrap();
         for p in pointers {
             assert_eq!(Pointer::new(p).get(&data), data.pointer(p), "{p}");
+            assert_eq!(Pointer::new(p).resolve(EventData::Json(&tree)).as_ref(), data.pointer(p), "{p} in a tree");
         }
+    }
+
+    #[test]
+    fn consumers_are_each_views_rules_in_view_order() {
+        // The shipped views and one more that shares `note.added` with `customer`.
+        let schemas = Schemas::builtin();
+        let mut files: Vec<(String, String)> =
+            BUILTIN.iter().map(|(name, text)| (format!("projections/{name}"), text.to_string())).collect();
+        files.push((
+            "projections/v.json".into(),
+            def(&[r#"    "note.added": [{"append": "notes", "value": "/text"}]"#]),
+        ));
+        let p = Projections::from_files(files, &schemas).unwrap();
+        let mut shared = 0;
+        for schema in schemas.types() {
+            let t = schema.event_type.as_str();
+            let want: Vec<usize> = (0..p.views().len()).filter(|i| p.views()[*i].handles(t)).collect();
+            let got: Vec<usize> = p.consumers(t).map(|(i, _)| i).collect();
+            assert_eq!(got, want, "{t}");
+            for (i, rules) in p.consumers(t) {
+                assert!(std::ptr::eq(rules.0, p.views()[i].rules(t).unwrap().0), "{t}");
+            }
+            shared += usize::from(got.len() > 1);
+        }
+        assert_eq!(shared, 1);
     }
 
     #[test]
@@ -1536,7 +1636,7 @@ mod tests {
             for (version, (position, e)) in events.iter().enumerate() {
                 let er = EventRef {
                     event_type: e["type"].as_str().unwrap(),
-                    data: &e["data"],
+                    data: (&e["data"]).into(),
                     occurred_at: e["occurred_at"].as_str().unwrap(),
                     recorded_at: "2025-06-01T00:00:00.000Z",
                     version: version as u64 + 1,

@@ -18,8 +18,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
+use zeroize::Zeroize;
 
-use crate::crypto::{CryptoError, SubjectKey};
+use crate::crypto::{CryptoError, SubjectKey, TAG_LEN};
 use crate::projection::{EventRef, Projections, View};
 use crate::record::{Position, NONCE_LEN};
 use crate::store::{Store, StoreError, WriteBatch};
@@ -62,26 +63,32 @@ fn aad(view: &str, subject: Uuid, category: u8) -> Vec<u8> {
     a
 }
 
-/// Seals a document: nonce ‖ ciphertext of its JSON.
-pub fn seal(key: &SubjectKey, view: &View, subject: Uuid, doc: &Doc) -> Result<Vec<u8>, CryptoError> {
-    let plain = zeroize::Zeroizing::new(doc_json(doc));
-    let (nonce, ct) = key.seal(&aad(view.name(), subject, view.category() as u8), &plain)?;
-    let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(&ct);
-    Ok(out)
+/// Seals a document: nonce ‖ ciphertext of its JSON. `scratch` is where the JSON is written
+/// (kept by the caller from one document to the next, so that it stops growing); it is wiped
+/// before this returns.
+pub fn seal(
+    key: &SubjectKey,
+    view: &View,
+    subject: Uuid,
+    doc: &Doc,
+    scratch: &mut Vec<u8>,
+) -> Result<Vec<u8>, CryptoError> {
+    scratch.clear();
+    doc_json(scratch, doc);
+    let mut out = Vec::with_capacity(NONCE_LEN + scratch.len() + TAG_LEN);
+    let sealed = key.seal_to(&aad(view.name(), subject, view.category() as u8), scratch, &mut out);
+    scratch.as_mut_slice().zeroize();
+    sealed.map(|()| out)
 }
 
 /// A document's JSON, byte for byte what `serde_json::to_vec(doc)` gives (a test checks), made
 /// faster: a rebuild writes every document, and serde_json escapes strings a byte at a time
 /// where view documents' strings almost never need escaping at all.
-fn doc_json(doc: &Doc) -> Vec<u8> {
+fn doc_json(out: &mut Vec<u8>, doc: &Doc) {
     use std::io::Write;
-    let mut out = Vec::with_capacity(512);
     write!(out, "{{\"version\":{},\"position\":{},\"data\":", doc.version, doc.position).expect("a Vec takes it");
-    json_value(&mut out, &doc.data);
+    json_value(out, &doc.data);
     out.push(b'}');
-    out
 }
 
 fn json_value(out: &mut Vec<u8>, v: &Value) {
@@ -222,8 +229,8 @@ impl Projector {
         subject: Uuid,
         ev: &EventRef<'_>,
     ) -> Result<(), ViewError> {
-        for (i, view) in self.projections.views().iter().enumerate() {
-            let Some(rules) = view.rules(ev.event_type) else { continue };
+        for (i, rules) in self.projections.consumers(ev.event_type) {
+            let view = &self.projections.views()[i];
             let doc = match self.docs.entry((i, subject)) {
                 std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => {
@@ -240,13 +247,11 @@ impl Projector {
     /// Applies an event to documents built from nothing (never read from the store): for
     /// rebuilding one subject's documents from its whole stream.
     pub fn apply_fresh(&mut self, subject: Uuid, ev: &EventRef<'_>) {
-        for (i, view) in self.projections.views().iter().enumerate() {
-            if let Some(rules) = view.rules(ev.event_type) {
-                let doc = self.docs.entry((i, subject)).or_insert_with(Doc::new);
-                rules.apply(&mut doc.data, ev);
-                doc.version = ev.version;
-                doc.position = ev.position;
-            }
+        for (i, rules) in self.projections.consumers(ev.event_type) {
+            let doc = self.docs.entry((i, subject)).or_insert_with(Doc::new);
+            rules.apply(&mut doc.data, ev);
+            doc.version = ev.version;
+            doc.position = ev.position;
         }
     }
 
@@ -276,10 +281,11 @@ impl Projector {
         // Write order does not matter for correctness; sorted keeps sled's pages warm.
         docs.sort_unstable_by_key(|d| d.0);
         let mut batch = WriteBatch::default();
+        let mut scratch = zeroize::Zeroizing::new(Vec::new());
         for ((i, subject), doc) in docs {
             let view = &self.projections.views()[i];
             let Some(key) = keys(subject, view.category() as u8).map_err(ViewError::Key)? else { continue };
-            let sealed = seal(&key, view, subject, &doc).map_err(|e| ViewError::Key(e.to_string()))?;
+            let sealed = seal(&key, view, subject, &doc, &mut scratch).map_err(|e| ViewError::Key(e.to_string()))?;
             batch.put_view(view.name(), subject, sealed);
             if batch.len() >= per_batch {
                 sink(std::mem::take(&mut batch))?;
@@ -340,10 +346,32 @@ mod tests {
         #[test]
         fn a_document_is_written_as_serde_json_writes_it(data in any_value(), version in any::<u64>(), position in any::<u64>()) {
             let doc = Doc { version, position, data };
-            let ours = doc_json(&doc);
+            let mut ours = vec![];
+            doc_json(&mut ours, &doc);
             prop_assert_eq!(&ours, &serde_json::to_vec(&doc).unwrap());
             prop_assert!(serde_json::from_slice::<Doc>(&ours).is_ok());
         }
+    }
+
+    #[test]
+    fn a_sealed_document_opens_and_its_scratch_is_wiped() {
+        let schemas = crate::schema::Schemas::builtin();
+        let projections = Projections::builtin(&schemas).unwrap();
+        let view = projections.get("customer").unwrap();
+        let key = SubjectKey::generate().unwrap();
+        let subject = Uuid::from_u128(9);
+        let doc = Doc { version: 3, position: 7, data: serde_json::json!({"name": "Ada", "notes": ["x"]}) };
+        let mut scratch = vec![];
+        let sealed = seal(&key, view, subject, &doc, &mut scratch).unwrap();
+        assert!(!scratch.is_empty() && scratch.iter().all(|b| *b == 0), "the JSON is wiped");
+        assert_eq!(open(&key, view, subject, &sealed).unwrap(), doc);
+        // Bound to its view and subject.
+        assert!(open(&key, view, Uuid::from_u128(10), &sealed).is_err());
+        assert!(open(&key, projections.get("billing").unwrap(), subject, &sealed).is_err());
+        // A second, smaller document through the same scratch.
+        let small = Doc { version: 4, position: 8, data: serde_json::json!({}) };
+        let sealed = seal(&key, view, subject, &small, &mut scratch).unwrap();
+        assert_eq!(open(&key, view, subject, &sealed).unwrap(), small);
     }
 
     #[test]
@@ -353,6 +381,8 @@ mod tests {
             position: 2,
             data: serde_json::json!({"a\"b": "x\\y\n\u{1}\u{7f}é\"", "n": [1.5, -2, null]}),
         };
-        assert_eq!(doc_json(&doc), serde_json::to_vec(&doc).unwrap());
+        let mut ours = vec![];
+        doc_json(&mut ours, &doc);
+        assert_eq!(ours, serde_json::to_vec(&doc).unwrap());
     }
 }

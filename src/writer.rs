@@ -633,7 +633,7 @@ impl Writer {
         for p in events {
             let ev = EventRef {
                 event_type: &p.event_type,
-                data: &p.data,
+                data: (&p.data).into(),
                 occurred_at: &p.occurred_at,
                 recorded_at: &recorded_at,
                 version: p.version,

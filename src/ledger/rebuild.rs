@@ -37,7 +37,7 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use super::{decode_at, open_sealed, OpenError, Payload, ReadError, Shared};
+use super::{decode_at, open_plain, parse_sealed, OpenError, ReadError, Shared};
 use crate::crypto::SubjectKey;
 use crate::projection::{EventRef, Projections};
 use crate::record::{self, Kind, Position};
@@ -277,20 +277,20 @@ fn rebuild_pass(
                 return Ok(false);
             }
             let Some(key) = keys.get(&(h.subject, h.category)) else { return Ok(false) };
-            if let Payload::Event { occurred_at, data } = open_sealed(key, &rec)? {
-                if recorded.0 != Some(h.recorded_at_ms) {
-                    recorded = (Some(h.recorded_at_ms), crate::time::rfc3339(h.recorded_at_ms));
-                }
-                let ev = EventRef {
-                    event_type: &h.event_type,
-                    data: &data,
-                    occurred_at: &occurred_at,
-                    recorded_at: &recorded.1,
-                    version: h.version,
-                    position: h.position,
-                };
-                projector.apply_fresh(h.subject, &ev);
+            let plain = open_plain(key, &rec)?;
+            let sealed = parse_sealed(&rec, &plain)?;
+            if recorded.0 != Some(h.recorded_at_ms) {
+                recorded = (Some(h.recorded_at_ms), crate::time::rfc3339(h.recorded_at_ms));
             }
+            let ev = EventRef {
+                event_type: &h.event_type,
+                data: (&sealed.data).into(),
+                occurred_at: &sealed.occurred_at,
+                recorded_at: &recorded.1,
+                version: h.version,
+                position: h.position,
+            };
+            projector.apply_fresh(h.subject, &ev);
             Ok(false)
         };
         match spill {
