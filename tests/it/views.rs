@@ -158,7 +158,8 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
     /// Random appends (and erasures) to a few subjects: the documents rebuilt from the log
     /// are byte-equal to the ones the appends produced, however the rebuild cuts the subjects
-    /// into ranges (one range for all, or one per subject), and its spill files are gone after.
+    /// into ranges (one range for all, or one per subject), whether it builds a range subject
+    /// by subject or in log order, and its spill files are gone after.
     /// The rebuild is either a requested one over the same definitions (it writes over the
     /// stored documents) or the one a change of definitions forces (it starts from none): the
     /// store is opened once without the `stamps` view, then again with it.
@@ -167,6 +168,7 @@ proptest! {
         ops in prop::collection::vec((0u8..4, 0u8..7, any::<u8>()), 1..60),
         range in 1usize..5,
         changed_definitions in any::<bool>(),
+        sorted in any::<bool>(),
     ) {
         let s = Scratch::new();
         let subjects: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
@@ -174,6 +176,10 @@ proptest! {
             let mut o = pdledger::ledger::OpenOptions::new(s.data(), pdledger::keyring::Keyring::Dir(s.keyring()), "test");
             o.projections = projections(stamps);
             o.limits.rebuild_range_subjects = range;
+            // Each range read in and built subject by subject, or streamed in log order.
+            if !sorted {
+                o.limits.rebuild_sort_bytes = 0;
+            }
             o
         };
         let live = {
