@@ -92,6 +92,9 @@ pub struct Projections {
     /// For each event type, the views that consume it (index into `views`) and their rules:
     /// one lookup per event where asking each view would take one per view.
     consumers: HashMap<String, Vec<(usize, Ops)>>,
+    /// Whether any operation reads `$recorded_at` (a rebuild formats it for each event only
+    /// then).
+    reads_recorded_at: bool,
 }
 
 /// One view's operations for one event type, shared by the view and `Projections::consumers`.
@@ -150,7 +153,17 @@ impl Projections {
                 consumers.entry(event_type.clone()).or_default().push((i, ops.clone()));
             }
         }
-        Ok(Projections { views, consumers })
+        // Every source is written in the canonical form as its text, a selector's inside its
+        // path: `$recorded_at` appears there wherever an operation reads it (and, harmlessly,
+        // where a constant or a field name holds that text).
+        let reads_recorded_at = views.iter().any(|v| v.canonical().to_string().contains("$recorded_at"));
+        Ok(Projections { views, consumers, reads_recorded_at })
+    }
+
+    /// Whether any view reads the events' `$recorded_at`: where none does, a caller may leave
+    /// `EventRef::recorded_at` empty rather than format it.
+    pub fn reads_recorded_at(&self) -> bool {
+        self.reads_recorded_at
     }
 
     pub fn views(&self) -> &[View] {
@@ -1147,6 +1160,16 @@ mod tests {
         }
         assert!(!p.handles("audit"));
         assert_eq!(p.consumers("audit").count(), 0);
+        assert!(!p.reads_recorded_at());
+        for op in [
+            r#"{"set": "at", "value": "$recorded_at"}"#,
+            r#"{"append": "notes", "value": {"text": "/text", "at": "$recorded_at"}}"#,
+            r#"{"merge": "by[at=$recorded_at]", "value": {"text": "/text"}}"#,
+        ] {
+            let text = def(&[&format!(r#"    "note.added": [{op}]"#)]);
+            let p = Projections::from_files(vec![("projections/v.json".into(), text)], &Schemas::builtin()).unwrap();
+            assert!(p.reads_recorded_at(), "{op}");
+        }
         let types: Vec<&str> = p.get("billing").unwrap().event_types().collect();
         assert_eq!(types, ["invoice.issued", "invoice.paid"]);
     }

@@ -280,7 +280,8 @@ fn rebuild_pass(
         }
         let mut projector = Projector::new(projections.clone());
         let mut n = 0u64;
-        // Events recorded together share a millisecond: its text is made once for them all.
+        // `$recorded_at`, formatted only when a view reads it, and once for a run of events
+        // recorded in the same millisecond (otherwise left empty: no view looks at it).
         let mut recorded: (Option<u64>, String) = (None, String::new());
         // One record of the range, in its subject's stream order; true: stop (another worker
         // failed).
@@ -301,7 +302,7 @@ fn rebuild_pass(
             let Some(key) = keys.get(&(h.subject, h.category)) else { return Ok(false) };
             let plain = open_plain(key, &rec)?;
             let sealed = parse_sealed(&rec, &plain)?;
-            if recorded.0 != Some(h.recorded_at_ms) {
+            if projections.reads_recorded_at() && recorded.0 != Some(h.recorded_at_ms) {
                 recorded = (Some(h.recorded_at_ms), crate::time::rfc3339(h.recorded_at_ms));
             }
             let ev = EventRef {
