@@ -29,7 +29,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -119,23 +119,49 @@ fn is_no_room(e: &OpenError) -> bool {
     matches!(e, OpenError::Store(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::StorageFull)
 }
 
+/// A spill frame's head: the record's length (checked) and position.
+const FRAME_HEAD: usize = 12;
+
+fn frame_head(head: &[u8; FRAME_HEAD]) -> std::io::Result<(usize, Position)> {
+    let len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+    let pos = u64::from_be_bytes(head[4..].try_into().expect("8 bytes"));
+    if len > SPILLED_RECORD_MAX {
+        let detail = format!("a spilled record of {len} bytes, over any record's size");
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, detail));
+    }
+    Ok((len, pos))
+}
+
 /// Reads the next spill frame (length ‖ position ‖ record) into `record` and returns its
 /// position; None at a clean end, which is only between frames (a cut frame is an error).
 fn read_frame(r: &mut impl BufRead, record: &mut Vec<u8>) -> std::io::Result<Option<Position>> {
     if r.fill_buf()?.is_empty() {
         return Ok(None);
     }
-    let mut frame = [0u8; 12];
-    r.read_exact(&mut frame)?;
-    let len = u32::from_be_bytes(frame[..4].try_into().expect("4 bytes")) as usize;
-    let pos = u64::from_be_bytes(frame[4..].try_into().expect("8 bytes"));
-    if len > SPILLED_RECORD_MAX {
-        let detail = format!("a spilled record of {len} bytes, over any record's size");
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, detail));
-    }
+    let mut head = [0u8; FRAME_HEAD];
+    r.read_exact(&mut head)?;
+    let (len, pos) = frame_head(&head)?;
     record.resize(len, 0);
     r.read_exact(record)?;
     Ok(Some(pos))
+}
+
+/// Every frame of a spill file read in whole: (position, where its record is in `all`).
+fn frames_in(all: &[u8]) -> std::io::Result<Vec<(Position, std::ops::Range<usize>)>> {
+    let mut frames = vec![];
+    let mut at = 0;
+    while at < all.len() {
+        let cut = || std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "a spilled record cut short");
+        let head = all.get(at..at + FRAME_HEAD).ok_or_else(cut)?;
+        let (len, pos) = frame_head(head.try_into().expect("FRAME_HEAD bytes"))?;
+        let record = at + FRAME_HEAD..at + FRAME_HEAD + len;
+        if record.end > all.len() {
+            return Err(cut());
+        }
+        at = record.end;
+        frames.push((pos, record));
+    }
+    Ok(frames)
 }
 
 fn spill_error(path: &Path, e: std::io::Error) -> OpenError {
@@ -344,29 +370,32 @@ fn rebuild_pass(
                 // while they are still in the CPU's caches, and only one subject's documents
                 // are held at a time. A larger one (a few subjects with very long streams) is
                 // built in log order, the whole range's documents held until its end.
-                let sort = size <= limits.rebuild_sort_bytes;
-                let mut all = Vec::with_capacity(if sort { size as usize } else { 0 });
-                let mut frames: Vec<(Uuid, Position, usize, usize)> = vec![];
-                let mut r = BufReader::with_capacity(1 << 16, file);
-                let mut bytes = Vec::new();
-                while let Some(pos) = read_frame(&mut r, &mut bytes).map_err(|e| spill_error(&path, e))? {
-                    if sort {
+                if size <= limits.rebuild_sort_bytes {
+                    let mut all = Vec::with_capacity(size as usize);
+                    (&file).read_to_end(&mut all).map_err(|e| spill_error(&path, e))?;
+                    let mut frames: Vec<(Uuid, Position, std::ops::Range<usize>)> = frames_in(&all)
+                        .map_err(|e| spill_error(&path, e))?
+                        .into_iter()
                         // Bytes `peek` cannot read go first; `apply` then says what is wrong.
-                        let subject = record::peek(&bytes).map_or(Uuid::nil(), |(_, s)| s);
-                        frames.push((subject, pos, all.len(), bytes.len()));
-                        all.extend_from_slice(&bytes);
-                    } else if apply(&mut projector, pos, &bytes)? {
-                        return Ok(());
+                        .map(|(pos, at)| (record::peek(&all[at.clone()]).map_or(Uuid::nil(), |(_, s)| s), pos, at))
+                        .collect();
+                    frames.sort_unstable_by_key(|(subject, pos, _)| (*subject, *pos));
+                    for one in frames.chunk_by(|a, b| a.0 == b.0) {
+                        for (_, pos, at) in one {
+                            if apply(&mut projector, *pos, &all[at.clone()])? {
+                                return Ok(());
+                            }
+                        }
+                        seal_held(&mut projector)?;
                     }
-                }
-                frames.sort_unstable_by_key(|&(subject, pos, _, _)| (subject, pos));
-                for one in frames.chunk_by(|a, b| a.0 == b.0) {
-                    for &(_, pos, at, len) in one {
-                        if apply(&mut projector, pos, &all[at..at + len])? {
+                } else {
+                    let mut r = BufReader::with_capacity(1 << 16, file);
+                    let mut bytes = Vec::new();
+                    while let Some(pos) = read_frame(&mut r, &mut bytes).map_err(|e| spill_error(&path, e))? {
+                        if apply(&mut projector, pos, &bytes)? {
                             return Ok(());
                         }
                     }
-                    seal_held(&mut projector)?;
                 }
                 std::fs::remove_file(&path).map_err(|e| spill_error(&path, e))?;
             }
@@ -505,4 +534,51 @@ fn spill_pass(
     }
     report(head);
     Ok(spilled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(pos: Position, record: &[u8]) -> Vec<u8> {
+        let mut f = (record.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(&pos.to_be_bytes());
+        f.extend_from_slice(record);
+        f
+    }
+
+    /// Both ways of reading a spill file find the same frames, and refuse a cut one alike.
+    #[test]
+    fn a_spill_file_reads_alike_whole_or_streamed_and_a_cut_frame_is_refused() {
+        let mut file = frame(7, b"first record");
+        file.extend(frame(9, b""));
+        file.extend(frame(12, &[0xab; 300]));
+        let streamed = |bytes: &[u8]| -> std::io::Result<Vec<(Position, Vec<u8>)>> {
+            let mut r = bytes;
+            let mut out = vec![];
+            let mut record = vec![];
+            while let Some(pos) = read_frame(&mut r, &mut record)? {
+                out.push((pos, record.clone()));
+            }
+            Ok(out)
+        };
+        let whole = |bytes: &[u8]| -> std::io::Result<Vec<(Position, Vec<u8>)>> {
+            Ok(frames_in(bytes)?.into_iter().map(|(pos, at)| (pos, bytes[at].to_vec())).collect())
+        };
+        let want = vec![(7, b"first record".to_vec()), (9, vec![]), (12, vec![0xab; 300])];
+        assert_eq!(streamed(&file).unwrap(), want);
+        assert_eq!(whole(&file).unwrap(), want);
+        let boundaries = [0, 24, 36, file.len()];
+        for cut in 0..=file.len() {
+            let part = &file[..cut];
+            if boundaries.contains(&cut) {
+                assert_eq!(whole(part).unwrap(), streamed(part).unwrap(), "cut at {cut}");
+            } else {
+                assert!(whole(part).is_err() && streamed(part).is_err(), "cut at {cut}");
+            }
+        }
+        let mut huge = frame(1, b"x");
+        huge[..4].copy_from_slice(&(SPILLED_RECORD_MAX as u32 + 1).to_be_bytes());
+        assert!(whole(&huge).is_err() && streamed(&huge).is_err());
+    }
 }
