@@ -146,26 +146,8 @@ impl<'de: 'a, 'a> Deserialize<'de> for Json<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::views::tests::any_value;
     use proptest::prelude::*;
-
-    fn any_value() -> impl Strategy<Value = Value> {
-        let leaf = prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::Bool),
-            any::<i64>().prop_map(Value::from),
-            any::<u64>().prop_map(Value::from),
-            (-1e300f64..1e300).prop_map(Value::from),
-            ".{0,12}".prop_map(Value::from),
-            "[\"\\\\/\\u{0}-\\u{1f}a-z]{0,6}".prop_map(Value::from),
-        ];
-        leaf.prop_recursive(4, 48, 6, |inner| {
-            prop_oneof![
-                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-                prop::collection::vec(("[a-c~/\"]{0,3}", inner), 0..8)
-                    .prop_map(|fields| Value::Object(fields.into_iter().collect())),
-            ]
-        })
-    }
 
     /// Every path into `v` (as pointer tokens), and one missing step below each.
     fn paths(v: &Value, here: &mut Vec<String>, out: &mut Vec<Vec<String>>) {

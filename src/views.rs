@@ -205,11 +205,15 @@ pub type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
 pub struct Projector {
     projections: Arc<Projections>,
     docs: IdMap<(usize, Uuid), Doc>,
+    /// Where each document's JSON is written before it is sealed (`seal`), kept from one flush
+    /// to the next so that it stops growing (a growing buffer leaves copies behind), wiped
+    /// after every document and when dropped.
+    scratch: zeroize::Zeroizing<Vec<u8>>,
 }
 
 impl Projector {
     pub fn new(projections: Arc<Projections>) -> Projector {
-        Projector { projections, docs: IdMap::default() }
+        Projector { projections, docs: IdMap::default(), scratch: zeroize::Zeroizing::new(Vec::new()) }
     }
 
     /// Room for `n` documents without growing the map.
@@ -281,11 +285,11 @@ impl Projector {
         // Write order does not matter for correctness; sorted keeps sled's pages warm.
         docs.sort_unstable_by_key(|d| d.0);
         let mut batch = WriteBatch::default();
-        let mut scratch = zeroize::Zeroizing::new(Vec::new());
         for ((i, subject), doc) in docs {
             let view = &self.projections.views()[i];
             let Some(key) = keys(subject, view.category() as u8).map_err(ViewError::Key)? else { continue };
-            let sealed = seal(&key, view, subject, &doc, &mut scratch).map_err(|e| ViewError::Key(e.to_string()))?;
+            let sealed =
+                seal(&key, view, subject, &doc, &mut self.scratch).map_err(|e| ViewError::Key(e.to_string()))?;
             batch.put_view(view.name(), subject, sealed);
             if batch.len() >= per_batch {
                 sink(std::mem::take(&mut batch))?;
@@ -316,13 +320,13 @@ pub fn build<'e>(projections: &Projections, events: impl IntoIterator<Item = Eve
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
     /// Any JSON value: strings with quotes, backslashes, control characters and non-ASCII text,
-    /// integers of both signs, floats, nesting.
-    fn any_value() -> impl Strategy<Value = Value> {
+    /// integers of both signs, floats, nesting. (Also `json`'s tests.)
+    pub(crate) fn any_value() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
             Just(Value::Null),
             any::<bool>().prop_map(Value::Bool),
