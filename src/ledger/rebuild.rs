@@ -294,7 +294,8 @@ fn rebuild_pass(
             }
         }
     }
-    let build_range = |i: usize| -> Result<(), OpenError> {
+    // `all`: the worker's buffer for a range's spill file, reused from one range to the next.
+    let build_range = |i: usize, all: &mut Vec<u8>| -> Result<(), OpenError> {
         let (first, last) = bounds[i];
         // An erased subject has keys left only for the categories an erasure kept for a legal
         // obligation: those documents are rebuilt; events of the others have no key, skipped.
@@ -371,8 +372,9 @@ fn rebuild_pass(
                 // are held at a time. A larger one (a few subjects with very long streams) is
                 // built in log order, the whole range's documents held until its end.
                 if size <= limits.rebuild_sort_bytes {
-                    let mut all = Vec::with_capacity(size as usize);
-                    (&file).read_to_end(&mut all).map_err(|e| spill_error(&path, e))?;
+                    all.clear();
+                    all.reserve(size as usize);
+                    (&file).read_to_end(all).map_err(|e| spill_error(&path, e))?;
                     let mut frames: Vec<(Uuid, Position, std::ops::Range<usize>)> = frames_in(&all)
                         .map_err(|e| spill_error(&path, e))?
                         .into_iter()
@@ -438,13 +440,14 @@ fn rebuild_pass(
     };
     let work = || -> Result<(), OpenError> {
         let _guard = StopOnUnwind(&stop);
+        let mut all = Vec::new();
         let result = (|| {
             while !stop.load(Ordering::Relaxed) {
                 let i = ranges.start + next.fetch_add(1, Ordering::Relaxed);
                 if i >= ranges.end {
                     break;
                 }
-                build_range(i)?;
+                build_range(i, &mut all)?;
             }
             Ok(())
         })();
