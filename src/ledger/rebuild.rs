@@ -375,7 +375,7 @@ fn rebuild_pass(
                     all.clear();
                     all.reserve(size as usize);
                     (&file).read_to_end(all).map_err(|e| spill_error(&path, e))?;
-                    let mut frames: Vec<(Uuid, Position, std::ops::Range<usize>)> = frames_in(&all)
+                    let mut frames: Vec<(Uuid, Position, std::ops::Range<usize>)> = frames_in(all)
                         .map_err(|e| spill_error(&path, e))?
                         .into_iter()
                         // Bytes `peek` cannot read go first; `apply` then says what is wrong.
