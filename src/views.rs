@@ -216,11 +216,6 @@ impl Projector {
         Projector { projections, docs: IdMap::default(), scratch: zeroize::Zeroizing::new(Vec::new()) }
     }
 
-    /// Room for `n` documents without growing the map.
-    pub fn reserve(&mut self, n: usize) {
-        self.docs.reserve(n);
-    }
-
     pub fn projections(&self) -> &Projections {
         &self.projections
     }
@@ -267,36 +262,15 @@ impl Projector {
     /// Seals every touched document into `batch` and starts over. A document whose key is
     /// gone (shredded meanwhile) is dropped.
     pub fn flush(&mut self, keys: &KeyLookup<'_>, batch: &mut WriteBatch) -> Result<(), ViewError> {
-        self.flush_in_batches(keys, usize::MAX, |b| {
-            batch.extend(b);
-            Ok(())
-        })
-    }
-
-    /// Like `flush`, for many documents: hands `sink` a batch every `per_batch` documents, so
-    /// sealed copies never pile up beside the documents (each is dropped once sealed).
-    pub fn flush_in_batches<E: From<ViewError>>(
-        &mut self,
-        keys: &KeyLookup<'_>,
-        per_batch: usize,
-        mut sink: impl FnMut(WriteBatch) -> Result<(), E>,
-    ) -> Result<(), E> {
         let mut docs: Vec<_> = self.docs.drain().collect();
         // Write order does not matter for correctness; sorted keeps sled's pages warm.
         docs.sort_unstable_by_key(|d| d.0);
-        let mut batch = WriteBatch::default();
         for ((i, subject), doc) in docs {
             let view = &self.projections.views()[i];
             let Some(key) = keys(subject, view.category() as u8).map_err(ViewError::Key)? else { continue };
             let sealed =
                 seal(&key, view, subject, &doc, &mut self.scratch).map_err(|e| ViewError::Key(e.to_string()))?;
             batch.put_view(view.name(), subject, sealed);
-            if batch.len() >= per_batch {
-                sink(std::mem::take(&mut batch))?;
-            }
-        }
-        if !batch.is_empty() {
-            sink(batch)?;
         }
         Ok(())
     }

@@ -351,10 +351,7 @@ fn rebuild_pass(
             let held = projector.held();
             written.extend(held.filter(|(i, s)| keys.contains_key(&(*s, projections.views()[*i].category() as u8))));
             let lookup = |s: Uuid, c: u8| Ok(keys.get(&(s, c)).cloned());
-            projector.flush_in_batches(&lookup, usize::MAX, |batch| -> Result<(), ReadError> {
-                pending.extend(batch);
-                Ok(())
-            })?;
+            projector.flush(&lookup, &mut pending).map_err(ReadError::from)?;
             if pending.len() >= FLUSH_DOCS {
                 store.apply_unordered(std::mem::take(&mut pending), 1)?;
             }
