@@ -408,6 +408,35 @@ fn lock(dir: &Path, holder: &str) -> Result<File, StoreError> {
 /// kill at the wrong moment of an open (or of the `erase`, `backup` or `import` that opened
 /// it) left a store that refused to open ("Read corrupted data", sled issues 1527 and 1533;
 /// seen by `kill_during_erase_and_rotation_leaves_it_done_or_not_started`). Without it,
+/// How long `Store::open` waits for a closing store's sled to let go of its file lock.
+const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// sled 0.34 locks its `db` file for as long as any of its threads holds that file: a store
+/// closed a moment ago, by this process or by one exiting, can still hold the lock while a
+/// sled I/O thread finishes, and sled then refuses to open ("could not acquire lock"; sled's
+/// own tests block on it for this reason). We hold the data directory's lock, so no one else
+/// uses the store: wait, bounded, until the lock is free, then let sled take it. After the
+/// bound, sled's refusal stands.
+fn wait_for_closing_sled(sled_dir: &Path) -> Result<(), StoreError> {
+    let db = sled_dir.join("db");
+    let f = match fs::OpenOptions::new().read(true).write(true).open(&db) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()), // a new store
+        Err(e) => return Err(io(&db)(e)),
+    };
+    let deadline = std::time::Instant::now() + SLED_LOCK_WAIT;
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(()), // released as `f` closes
+            Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            Err(fs::TryLockError::WouldBlock) => return Ok(()),
+            Err(fs::TryLockError::Error(e)) => return Err(io(&db)(e)),
+        }
+    }
+}
+
 /// sled reads the newest finished snapshot (or none) and replays its log from there, which
 /// is what it does after any crash. Called with the directory lock held, so no other process
 /// is writing one.
@@ -447,6 +476,7 @@ impl Store {
         let lock = lock(dir, holder)?;
         let path = dir.join(STORE_DIR);
         remove_unfinished_snapshots(&path)?;
+        wait_for_closing_sled(&path)?;
         let config = sled::Config::new()
             .path(&path)
             .cache_capacity(cache_bytes)
@@ -953,6 +983,27 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store whose sled file lock is still held, as by an I/O thread of a store closed a
+    /// moment ago, opens once the lock is let go (sled alone refuses: "could not acquire lock").
+    #[test]
+    fn a_store_opens_once_a_closing_one_lets_go_of_its_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path(), "test", 1 << 20).unwrap());
+        let held = File::options().read(true).write(true).open(dir.path().join(STORE_DIR).join("db")).unwrap();
+        held.lock().unwrap();
+        let (opening, about_to_open) = std::sync::mpsc::channel::<()>();
+        let releaser = std::thread::spawn(move || {
+            about_to_open.recv().unwrap();
+            // Let go only after the open has begun (a remnant outliving the close).
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(held);
+        });
+        opening.send(()).unwrap();
+        let store = Store::open(dir.path(), "test", 1 << 20);
+        releaser.join().unwrap();
+        assert!(store.is_ok(), "{:?}", store.err());
+    }
 
     /// Writes applied out of order by several threads end as the same writes applied in
     /// order: the last write to a key wins, whatever the threads.
