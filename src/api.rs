@@ -1257,21 +1257,20 @@ async fn read_events(
     let (version, events) = tokio::task::spawn_blocking(move || {
         Ok::<_, crate::ledger::ReadError>((
             ledger.stream_version(subject)?,
-            ledger.read_stream(subject, q.after_version, limit)?,
+            ledger.read_stream_raw(subject, q.after_version, limit)?,
         ))
     })
     .await
     .map_err(ApiError::internal)??;
     // The access is durable in the trail before any personal data leaves.
     write_audit(&state, &caller.username, vec![entry(&ctx, Action::Read, Some(subject), Outcome::Ok)]).await?;
-    let events: Vec<Value> = events
-        .into_iter()
-        .map(|e| {
-            json!({"version": e.version, "position": e.position, "type": e.event_type, "occurred_at": e.occurred_at,
-                   "recorded_at": e.recorded_at, "actor": e.actor, "data": e.data})
-        })
-        .collect();
-    Ok(axum::Json(json!({"subject": subject, "version": version, "events": events})).into_response())
+    #[derive(Serialize)]
+    struct Answer {
+        subject: Uuid,
+        version: u64,
+        events: Vec<crate::ledger::RawEvent>,
+    }
+    Ok(axum::Json(Answer { subject, version, events }).into_response())
 }
 
 #[derive(Deserialize)]

@@ -72,7 +72,8 @@ impl Default for Limits {
 mod rebuild;
 
 /// Threads for bulk work at open (rebuild, redo): one per core, at most four.
-fn workers() -> usize {
+/// Threads for work split over the cores (rebuilds, derived entries, a restore's copy).
+pub(crate) fn workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4)
 }
 
@@ -184,6 +185,20 @@ pub struct StoredEvent {
     pub recorded_at: String,
     pub actor: String,
     pub data: Value,
+}
+
+/// A subject's event as the API answers it, its data the JSON text it was sealed as. The
+/// fields are in the order of the answer.
+#[derive(Debug, Serialize)]
+pub struct RawEvent {
+    pub version: u64,
+    pub position: Position,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub occurred_at: String,
+    pub recorded_at: String,
+    pub actor: String,
+    pub data: Box<serde_json::value::RawValue>,
 }
 
 /// The receipt of an erasure: what was erased, when, by which record, and whether the key
@@ -568,8 +583,59 @@ impl Ledger {
     /// A subject's events after `after_version`, at most `limit`, decrypted. Shredded events
     /// (key gone) are left out; the caller decides what an erased subject answers.
     pub fn read_stream(&self, subject: Uuid, after_version: u64, limit: usize) -> Result<Vec<StoredEvent>, ReadError> {
-        let durable = self.shared.durable();
         let master = self.shared.master();
+        self.stream_records(subject, after_version, limit, |rec| {
+            Ok(match open_record(&self.shared, &master, &rec)? {
+                Payload::Event { occurred_at, data } => Some(stored_event(rec.header, occurred_at, data)),
+                Payload::Shredded | Payload::Ledger(_) => None,
+            })
+        })
+    }
+
+    /// As `read_stream`, each event's data kept as the JSON text it was sealed as (for
+    /// answers that pass it on unchanged: no `Value` built and serialised again).
+    pub fn read_stream_raw(&self, subject: Uuid, after_version: u64, limit: usize) -> Result<Vec<RawEvent>, ReadError> {
+        let master = self.shared.master();
+        self.stream_records(subject, after_version, limit, |rec| {
+            if rec.header.kind != Kind::Sealed {
+                return Ok(None);
+            }
+            let h = &rec.header;
+            let Some(key) = self.shared.keys.get(&self.shared.store, &master, h.subject, h.category)? else {
+                return Ok(None);
+            };
+            let plain = open_plain(&key, &rec)?;
+            #[derive(serde::Deserialize)]
+            struct Sealed<'a> {
+                occurred_at: String,
+                #[serde(borrow)]
+                data: &'a serde_json::value::RawValue,
+            }
+            let s: Sealed = serde_json::from_slice(&plain).map_err(|e| not_an_event(&rec, e))?;
+            let data = s.data.to_owned();
+            let h = rec.header;
+            Ok(Some(RawEvent {
+                version: h.version,
+                position: h.position,
+                event_type: h.event_type,
+                occurred_at: s.occurred_at,
+                recorded_at: crate::time::rfc3339(h.recorded_at_ms),
+                actor: h.actor,
+                data,
+            }))
+        })
+    }
+
+    /// The durable records of a subject's stream after `after_version`, at most `limit` of
+    /// them, each turned by `open` into what the caller wants (or skipped).
+    fn stream_records<T>(
+        &self,
+        subject: Uuid,
+        after_version: u64,
+        limit: usize,
+        mut open: impl FnMut(Record) -> Result<Option<T>, ReadError>,
+    ) -> Result<Vec<T>, ReadError> {
+        let durable = self.shared.durable();
         let mut out = vec![];
         for item in self.shared.store.stream(subject, after_version).take(limit) {
             let (_, pos) = item?;
@@ -578,9 +644,8 @@ impl Ledger {
             }
             let bytes =
                 self.shared.store.record(pos)?.ok_or(ReadError::Damaged { position: pos, detail: "missing".into() })?;
-            let rec = decode_at(pos, &bytes)?;
-            if let Payload::Event { occurred_at, data } = open_record(&self.shared, &master, &rec)? {
-                out.push(stored_event(rec.header, occurred_at, data));
+            if let Some(t) = open(decode_at(pos, &bytes)?)? {
+                out.push(t);
             }
         }
         Ok(out)

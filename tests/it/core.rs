@@ -44,6 +44,20 @@ fn sample_round_trips_exactly() {
             assert_eq!(serde_json::to_string(&g.data).unwrap(), serde_json::to_string(&e["data"]).unwrap());
             assert_eq!(g.actor, "import");
         }
+        // The API's read (the sealed JSON passed on as it is) says the same, byte for byte.
+        let raw = ledger.read_stream_raw(*subject, 0, usize::MAX).unwrap();
+        assert_eq!(raw.len(), got.len(), "subject {subject}");
+        for (r, g) in raw.iter().zip(&got) {
+            assert_eq!((r.version, r.position, &r.event_type), (g.version, g.position, &g.event_type));
+            assert_eq!((&r.occurred_at, &r.recorded_at, &r.actor), (&g.occurred_at, &g.recorded_at, &g.actor));
+            assert_eq!(r.data.get(), serde_json::to_string(&g.data).unwrap());
+        }
+        // After a version, and with a limit, as `read_stream`.
+        let (after, limit) = (got.len() as u64 / 2, 3);
+        let tail: Vec<u64> =
+            ledger.read_stream_raw(*subject, after, limit).unwrap().iter().map(|r| r.version).collect();
+        let want: Vec<u64> = ledger.read_stream(*subject, after, limit).unwrap().iter().map(|g| g.version).collect();
+        assert_eq!(tail, want);
         total += got.len();
     }
     assert_eq!(total, 14_633);

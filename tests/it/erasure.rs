@@ -173,6 +173,8 @@ fn after_erasure_and_rotation_nothing_remaining_reads_the_customer() {
     let ledger = s.open();
     let read = ledger.read_stream(subject, 0, usize::MAX);
     assert!(read.map(|e| e.is_empty()).unwrap_or(true), "a planted stale key must decrypt nothing");
+    let read = ledger.read_stream_raw(subject, 0, usize::MAX);
+    assert!(read.map(|e| e.is_empty()).unwrap_or(true), "nor through the API's read");
     for v in ledger.projections().views() {
         assert!(ledger.view(v.name(), subject).map(|d| d.is_none()).unwrap_or(true));
     }
