@@ -1098,6 +1098,21 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
     }
 }
 
+/// No core dumps, ever: a dump of this process would put on disk what it holds in memory, the
+/// master key, subjects' keys and decrypted personal data. The core size limit goes to zero
+/// (soft and hard, so nothing below can raise it) and the process is marked not dumpable,
+/// which also covers a core pattern piping to a collector and keeps other processes of the
+/// same user from attaching to it. Failing to do either is reported, not fatal.
+pub fn forbid_core_dumps() {
+    let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain system calls on this process, with a valid pointer to a local.
+    let limited = unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) } == 0;
+    let undumpable = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } == 0;
+    if !(limited && undumpable) {
+        eprintln!("warning: could not turn core dumps off: {}", std::io::Error::last_os_error());
+    }
+}
+
 /// The binary's whole body: parse, run, map to an exit code in one place.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();

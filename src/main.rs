@@ -27,6 +27,7 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: internal error ({what} at {at}); please report it");
         }
     }));
+    pdledger::cli::forbid_core_dumps();
     match std::panic::catch_unwind(pdledger::cli::main) {
         Ok(code) => code,
         Err(_) => std::process::ExitCode::from(2),

@@ -274,6 +274,10 @@ async fn nothing_personal_in_logs_or_on_disk_after_http_traffic() {
     let s = Scratch::new();
     let log = s.root.path().join("server.log");
     let server = Server::start_logged(&s, &[], Some(&log));
+    // Nor in a core dump: the server turned them off for itself (limit zero, soft and hard).
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.child.id())).unwrap();
+    let core = limits.lines().find(|l| l.starts_with("Max core file size")).unwrap();
+    assert_eq!(core.split_whitespace().skip(4).take(2).collect::<Vec<_>>(), ["0", "0"], "{core}");
     let client = Client::new(&server, &s.data());
     let admin = client.login("admin", crate::http::PASSWORD).await;
     let staff_pw = "staff-password-that-is-secret";
