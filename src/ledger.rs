@@ -71,8 +71,8 @@ impl Default for Limits {
 
 mod rebuild;
 
-/// Threads for bulk work at open (rebuild, redo): one per core, at most four.
-/// Threads for work split over the cores (rebuilds, derived entries, a restore's copy).
+/// Threads for bulk work split over the cores (rebuild, redo, a restore's copy): one per
+/// core, at most four.
 pub(crate) fn workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4)
 }
