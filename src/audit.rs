@@ -14,19 +14,11 @@ use crate::writer::Op;
 
 pub const EVENT_TYPE: &str = "audit";
 
-/// What the audit index files an audit record under, beside its position and actor: its
-/// subject (none for the nil id) and its action ("" when the payload names none). The writer,
-/// the crash redo, the tail repair and `verify --deep` all ask this one function, so they
-/// agree on every record, odd ones included.
-pub fn index_fields(subject: Uuid, payload: &Value) -> (Option<Uuid>, &str) {
-    (Some(subject).filter(|s| !s.is_nil()), payload.get("action").and_then(Value::as_str).unwrap_or(""))
-}
-
-/// `index_fields` of a stored record's payload bytes (not JSON: no action).
-pub fn index_fields_of(subject: Uuid, payload: &[u8]) -> (Option<Uuid>, String) {
-    let v: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
-    let (subject, action) = index_fields(subject, &v);
-    (subject, action.to_owned())
+/// The subject the audit index files an audit record under, beside the index of every entry:
+/// the record's own subject, none for the nil id (logins, user changes). The writer, the crash
+/// redo, the tail repair and `verify --deep` all ask this one function, so they agree.
+pub fn indexed_subject(subject: Uuid) -> Option<Uuid> {
+    Some(subject).filter(|s| !s.is_nil())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,10 +160,10 @@ pub enum QueryError {
 }
 
 /// Entries matching `filter`, newest first, before position `before` (exclusive) and at most
-/// `head`, at most `limit`. Walks the most selective audit index (subject, then actor, then
-/// action, else all entries) and checks the other conditions on each entry, reading at most
-/// `scan_max` entries per call so one request stays bounded. Needs no key: audit entries
-/// hold no personal data.
+/// `head`, at most `limit`. Walks the subject's audit index, or else the index of every entry,
+/// and checks the other conditions (actor, action, time) on each entry, reading at most
+/// `scan_max` entries per call so one request stays bounded (a page can then be short, with a
+/// cursor to go on from). Needs no key: audit entries hold no personal data.
 pub fn query(
     store: &Store,
     head: Position,
@@ -184,13 +176,7 @@ pub fn query(
     if let Some(until) = filter.until_ms {
         before = before.min(position_at_time(store, head, until)?);
     }
-    let action = filter.action.map(Action::name);
-    let key = match (&filter.subject, &filter.actor, &action) {
-        (Some(s), _, _) => AuditKey::Subject(*s),
-        (None, Some(a), _) => AuditKey::Actor(a),
-        (None, None, Some(a)) => AuditKey::Action(a),
-        (None, None, None) => AuditKey::All,
-    };
+    let key = filter.subject.map_or(AuditKey::All, AuditKey::Subject);
     let mut entries = vec![];
     for (scanned, pos) in store.audit_rev(key, before).enumerate() {
         let pos = pos?;
@@ -240,27 +226,7 @@ pub fn position_at_time(store: &Store, head: Position, ms: u64) -> Result<Positi
 
 #[cfg(test)]
 mod tests {
-    use super::{index_fields, index_fields_of, Action};
-    use serde_json::Value;
-    use uuid::Uuid;
-
-    #[test]
-    fn index_fields_agree_for_values_and_bytes_odd_records_included() {
-        let s = Uuid::new_v4();
-        let cases: [(&[u8], Option<Uuid>, &str); 4] = [
-            (br#"{"action":"read","outcome":"ok"}"#, Some(s), "read"),
-            (br#"{"outcome":"ok"}"#, Some(s), ""),
-            (br#"{"action":7}"#, Some(s), ""),
-            (b"not json", Some(s), ""),
-        ];
-        for (bytes, subject, action) in cases {
-            assert_eq!(index_fields_of(s, bytes), (subject, action.to_owned()));
-            if let Ok(v) = serde_json::from_slice::<Value>(bytes) {
-                assert_eq!(index_fields(s, &v), (subject, action));
-            }
-        }
-        assert_eq!(index_fields_of(Uuid::nil(), br#"{"action":"login"}"#), (None, "login".to_owned()));
-    }
+    use super::Action;
 
     #[test]
     fn all_lists_every_action_once() {

@@ -24,7 +24,9 @@ use crate::store::{Store, StoreError, WriteBatch};
 use crate::views::{self, Doc, Projector, ViewError};
 use crate::writer::{self, Committed, Op, PreparedEvent, Reply, Shared, WriteError, WriterHandle};
 
-pub const FORMAT_VERSION: u32 = 1;
+/// The data directory's format. 2: the audit trail is indexed as a whole and by subject
+/// (format 1 also by actor and by action; opening a format 1 store removes those, once).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Limits on everything that comes in. Each is a knob (see the README's limits table).
 #[derive(Clone, Debug)]
@@ -808,8 +810,7 @@ pub fn repair_tail(store: &Store, group_events_max: usize) -> Result<u64, OpenEr
             batch.remove_stream(rec.header.subject, rec.header.version);
         }
         if rec.header.kind == Kind::Ledger && rec.header.event_type == crate::audit::EVENT_TYPE {
-            let (subject, action) = crate::audit::index_fields_of(rec.header.subject, &rec.payload);
-            batch.remove_audit(pos, subject, &rec.header.actor, &action);
+            batch.remove_audit(pos, crate::audit::indexed_subject(rec.header.subject));
         }
         if store.subject_created(rec.header.subject)?.is_some_and(|created| created >= pos) {
             batch.remove_subject(rec.header.subject);
@@ -919,8 +920,7 @@ fn redo_after_head(
             Payload::Shredded => batch.put_stream(h.subject, h.version, pos),
             Payload::Ledger(v) => match h.event_type.as_str() {
                 crate::audit::EVENT_TYPE => {
-                    let (subject, action) = crate::audit::index_fields(h.subject, &v);
-                    batch.put_audit(pos, subject, &h.actor, action);
+                    batch.put_audit(pos, crate::audit::indexed_subject(h.subject));
                 }
                 writer::ERASED => {
                     let retain: Vec<writer::Hold> =
@@ -1084,10 +1084,14 @@ fn load_or_create_credentials(shared: &Shared) -> Result<Arc<crate::crypto::Subj
 /// for a new store (reusing a generation the keyring already has, if any).
 fn load_or_create_master(store: &Store, keyring: &Keyring) -> Result<MasterKey, OpenError> {
     let format = store.meta_u32("format")?;
-    if let Some(f) = format {
-        if f != FORMAT_VERSION {
-            return Err(OpenError::Format(f));
-        }
+    if format == Some(1) {
+        let removed = store.drop_v1_audit_indexes()?;
+        let mut batch = WriteBatch::default();
+        batch.put_meta("format", &FORMAT_VERSION.to_be_bytes());
+        store.commit(batch)?;
+        tracing::info!(removed, "upgraded the data directory from format 1 to {FORMAT_VERSION}: the audit indexes by actor and by action are gone (those queries walk the index of every entry)");
+    } else if let Some(f) = format.filter(|f| *f != FORMAT_VERSION) {
+        return Err(OpenError::Format(f));
     }
     match store.meta_u32("master_gen")? {
         Some(needed) => {

@@ -39,6 +39,9 @@ const P_INDEX: u8 = b'I';
 /// Reverse blind index: subject ‖ lookup kind ‖ hash, so erasure finds a subject's entries.
 const P_INDEX_REV: u8 = b'J';
 const P_AUDIT: u8 = b'A';
+/// Format 1's audit indexes by actor and by action (`A` ‖ `u` | `a`): gone since format 2,
+/// removed when a format 1 store is opened.
+const AUDIT_V1_TAGS: [u8; 2] = [b'u', b'a'];
 const P_VIEW: u8 = b'V';
 const P_ERASED: u8 = b'E';
 const P_RESTRICTED: u8 = b'R';
@@ -166,14 +169,14 @@ impl WriteBatch {
         self.ops.push((index_key(kind, blind, subject), None));
         self.ops.push((index_rev_key(subject, kind, blind), None));
     }
-    /// Index entries of one audit entry: by subject, actor and action, and in the list of all.
-    pub fn put_audit(&mut self, position: Position, subject: Option<Uuid>, actor: &str, action: &str) {
-        for k in audit_keys(position, subject, actor, action) {
+    /// Index entries of one audit entry: in the list of all, and by subject when it has one.
+    pub fn put_audit(&mut self, position: Position, subject: Option<Uuid>) {
+        for k in audit_keys(position, subject) {
             self.put(k, &[]);
         }
     }
-    pub fn remove_audit(&mut self, position: Position, subject: Option<Uuid>, actor: &str, action: &str) {
-        for k in audit_keys(position, subject, actor, action) {
+    pub fn remove_audit(&mut self, position: Position, subject: Option<Uuid>) {
+        for k in audit_keys(position, subject) {
             self.ops.push((k, None));
         }
     }
@@ -307,23 +310,16 @@ fn view_key(view: &str, subject: Uuid) -> Vec<u8> {
     k
 }
 
-/// Which audit index to walk. Actor names and actions are hashed to a fixed width, so one
-/// name's entries can never run into another's that shares a prefix.
+/// Which audit index to walk: every entry, or one subject's. (Queries by actor or action walk
+/// every entry and filter: two keys an entry at most, where format 1 wrote four.)
 #[derive(Clone, Copy, Debug)]
-pub enum AuditKey<'a> {
+pub enum AuditKey {
     All,
     Subject(Uuid),
-    Actor(&'a str),
-    Action(&'a str),
 }
 
-impl AuditKey<'_> {
+impl AuditKey {
     fn prefix(&self) -> Vec<u8> {
-        let hashed = |tag: u8, s: &str| {
-            let mut k = vec![P_AUDIT, tag];
-            k.extend_from_slice(&blake3::hash(s.as_bytes()).as_bytes()[..16]);
-            k
-        };
         match self {
             AuditKey::All => vec![P_AUDIT, b'x'],
             AuditKey::Subject(s) => {
@@ -331,21 +327,16 @@ impl AuditKey<'_> {
                 k.extend_from_slice(s.as_bytes());
                 k
             }
-            AuditKey::Actor(a) => hashed(b'u', a),
-            AuditKey::Action(a) => hashed(b'a', a),
         }
     }
 }
 
-fn audit_keys(position: Position, subject: Option<Uuid>, actor: &str, action: &str) -> Vec<Vec<u8>> {
-    let mut keys = vec![AuditKey::All.prefix(), AuditKey::Actor(actor).prefix(), AuditKey::Action(action).prefix()];
-    if let Some(s) = subject {
-        keys.push(AuditKey::Subject(s).prefix());
-    }
-    for k in &mut keys {
+fn audit_keys(position: Position, subject: Option<Uuid>) -> impl Iterator<Item = Vec<u8>> {
+    std::iter::once(AuditKey::All).chain(subject.map(AuditKey::Subject)).map(move |key| {
+        let mut k = key.prefix();
         k.extend_from_slice(&position.to_be_bytes());
-    }
-    keys
+        k
+    })
 }
 
 fn meta_key(name: &str) -> Vec<u8> {
@@ -718,19 +709,28 @@ impl Store {
     }
 
     /// Whether every audit-index entry of the audit entry at `position` is there.
-    pub fn audit_indexed(
-        &self,
-        position: Position,
-        subject: Option<Uuid>,
-        actor: &str,
-        action: &str,
-    ) -> Result<bool, StoreError> {
-        for k in audit_keys(position, subject, actor, action) {
+    pub fn audit_indexed(&self, position: Position, subject: Option<Uuid>) -> Result<bool, StoreError> {
+        for k in audit_keys(position, subject) {
             if !self.index.contains_key(k)? {
                 return Ok(false);
             }
         }
         Ok(true)
+    }
+
+    /// Removes format 1's audit indexes by actor and by action. Returns how many entries
+    /// went. Not made durable here: the caller's commit of the new format does that, and
+    /// until it does a rerun finds whatever is left.
+    pub fn drop_v1_audit_indexes(&self) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        for tag in AUDIT_V1_TAGS {
+            for kv in self.index.scan_prefix([P_AUDIT, tag]) {
+                let (k, _) = kv?;
+                self.index.remove(k)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// The position that created a subject, if it exists.
@@ -768,7 +768,7 @@ impl Store {
     /// Positions of audit entries in one index, before `before`, newest first.
     pub fn audit_rev(
         &self,
-        key: AuditKey<'_>,
+        key: AuditKey,
         before: Position,
     ) -> impl Iterator<Item = Result<Position, StoreError>> + '_ {
         let prefix = key.prefix();

@@ -523,8 +523,8 @@ impl Writer {
         for (kind, blind, subject, at, sealed) in &g.index {
             batch.put_index(*kind, blind, *subject, *at, sealed);
         }
-        for (at, subject, actor, action) in &g.audit {
-            batch.put_audit(*at, *subject, actor, action);
+        for (at, subject) in &g.audit {
+            batch.put_audit(*at, *subject);
         }
         let pos = self.head + hashes.len() as u64;
         // An erased subject's events of this same group are not projected.
@@ -856,8 +856,7 @@ impl Writer {
             }
             Op::Note { subject, event_type, json, actor } => {
                 if event_type == crate::audit::EVENT_TYPE {
-                    let (subject, action) = crate::audit::index_fields(subject.unwrap_or(Uuid::nil()), &json);
-                    g.audit.push((position(g), subject, actor.clone(), action.to_owned()));
+                    g.audit.push((position(g), crate::audit::indexed_subject(subject.unwrap_or(Uuid::nil()))));
                 }
                 let header = Header {
                     kind: Kind::Ledger,
@@ -967,8 +966,8 @@ struct Group {
     staged_versions: HashMap<Uuid, u64>,
     new_keys: Vec<NewKey>,
     projected: Vec<Projected>,
-    /// Audit entries to index: (position, subject, actor, action).
-    audit: Vec<(Position, Option<Uuid>, String, String)>,
+    /// Audit entries to index: (position, subject).
+    audit: Vec<(Position, Option<Uuid>)>,
     /// Subjects erased by this group, the position of each erasure event, what it keeps.
     erasures: Vec<(Uuid, Position, Vec<Hold>)>,
     /// Categories shredded by this group.
