@@ -75,9 +75,40 @@ pub fn verify(store: &Store, anchor: Option<Anchor>, progress: impl FnMut(u64)) 
     Ok(verify_log(records, meta_head, anchor, progress))
 }
 
+/// Records a reading thread hands the checking thread at a time.
+const READ_AHEAD_CHUNK: usize = 4096;
+
 /// Checks a log given as (position, stored bytes) in order (from a store or a backup),
-/// against the head its container records (`None`: no head recorded).
+/// against the head its container records (`None`: no head recorded). One thread reads the
+/// records while this one decodes and hashes them (a few chunks ahead at most, so memory
+/// stays bounded): reading and hashing each took about half the time of a one-thread check.
 pub fn verify_log(
+    records: impl Iterator<Item = Result<(Position, Vec<u8>), String>> + Send,
+    meta_head: Option<(Position, ChainHash)>,
+    anchor: Option<Anchor>,
+    progress: impl FnMut(u64),
+) -> Report {
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<_>>(4);
+        scope.spawn(move || {
+            let mut chunk = Vec::with_capacity(READ_AHEAD_CHUNK);
+            for item in records {
+                let failed = item.is_err();
+                chunk.push(item);
+                if chunk.len() == READ_AHEAD_CHUNK || failed {
+                    // The checker stops at the first break and drops its end: so do we.
+                    if tx.send(std::mem::replace(&mut chunk, Vec::with_capacity(READ_AHEAD_CHUNK))).is_err() || failed {
+                        return;
+                    }
+                }
+            }
+            let _ = tx.send(chunk);
+        });
+        check_log(rx.into_iter().flatten(), meta_head, anchor, progress)
+    })
+}
+
+fn check_log(
     records: impl Iterator<Item = Result<(Position, Vec<u8>), String>>,
     meta_head: Option<(Position, ChainHash)>,
     anchor: Option<Anchor>,
