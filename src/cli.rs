@@ -690,6 +690,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 let mut r =
                     crate::verify::verify(&store, anchor, |n| progress_line(tty, &format!("verified {n} records")))?;
                 if deep && r.ok {
+                    crate::ledger::check_format(&store)?;
                     r.index_problem = crate::verify::verify_indexes(&store, r.head.position, |n| {
                         progress_line(tty, &format!("checked the indexes of {n} records"))
                     })?;
@@ -970,6 +971,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Command::Audit { data, subject, actor, action, since, until, limit, json } => {
             let store = Store::open(&data.data, "pdledger audit", cache_bytes(64)?)?;
+            crate::ledger::check_format(&store)?;
             let head = store.head()?.map(|h| h.0).unwrap_or(0);
             let filter = crate::audit::Filter { subject, actor, action, since_ms: since, until_ms: until };
             let mut before = u64::MAX;

@@ -1080,19 +1080,37 @@ fn load_or_create_credentials(shared: &Shared) -> Result<Arc<crate::crypto::Subj
     Ok(Arc::new(key))
 }
 
-/// Loads the master-key generation this store was written under, or starts generation 1
-/// for a new store (reusing a generation the keyring already has, if any).
-fn load_or_create_master(store: &Store, keyring: &Keyring) -> Result<MasterKey, OpenError> {
-    let format = store.meta_u32("format")?;
+/// The store's format (`None` for a new store), refused unless this version reads it: the
+/// current one, or format 1, which `upgrade` brings up to date when the ledger opens it. The
+/// commands that read a store without opening the ledger (`audit`, `verify --deep`) ask too.
+pub fn check_format(store: &Store) -> Result<Option<u32>, OpenError> {
+    match store.meta_u32("format")? {
+        Some(f) if f != 1 && f != FORMAT_VERSION => Err(OpenError::Format(f)),
+        f => Ok(f),
+    }
+}
+
+/// Format 1 → 2: the new format number is made durable first (from then on an older
+/// pdledger refuses the directory), then format 1's audit indexes by actor and by action are
+/// removed. Every open repeats the removal while any are left (a crash during it leaves some;
+/// finding none is two prefix seeks), and readers of format 2 never look at them.
+fn upgrade(store: &Store, format: Option<u32>) -> Result<(), OpenError> {
     if format == Some(1) {
-        let removed = store.drop_v1_audit_indexes()?;
         let mut batch = WriteBatch::default();
         batch.put_meta("format", &FORMAT_VERSION.to_be_bytes());
         store.commit(batch)?;
-        tracing::info!(removed, "upgraded the data directory from format 1 to {FORMAT_VERSION}: the audit indexes by actor and by action are gone (those queries walk the index of every entry)");
-    } else if let Some(f) = format.filter(|f| *f != FORMAT_VERSION) {
-        return Err(OpenError::Format(f));
     }
+    let removed = store.drop_v1_audit_indexes()?;
+    if removed > 0 {
+        tracing::info!(removed, "data directory upgraded to format {FORMAT_VERSION}: format 1's audit indexes by actor and by action removed (such queries filter the index of every entry)");
+    }
+    Ok(())
+}
+
+/// Loads the master-key generation this store was written under, or starts generation 1
+/// for a new store (reusing a generation the keyring already has, if any).
+fn load_or_create_master(store: &Store, keyring: &Keyring) -> Result<MasterKey, OpenError> {
+    let format = check_format(store)?;
     match store.meta_u32("master_gen")? {
         Some(needed) => {
             let present = keyring.generations()?;
@@ -1104,6 +1122,8 @@ fn load_or_create_master(store: &Store, keyring: &Keyring) -> Result<MasterKey, 
             if check[..] != master.check_value() {
                 return Err(OpenError::WrongKeyring(keyring.describe()));
             }
+            // Only once the keyring is known to be this store's: a refused open changes nothing.
+            upgrade(store, format)?;
             Ok(master)
         }
         None => {

@@ -39,6 +39,10 @@ const P_INDEX: u8 = b'I';
 /// Reverse blind index: subject ‖ lookup kind ‖ hash, so erasure finds a subject's entries.
 const P_INDEX_REV: u8 = b'J';
 const P_AUDIT: u8 = b'A';
+/// The audit index of every entry (`A` ‖ `x` ‖ position) and by subject (`A` ‖ `s` ‖ subject ‖
+/// position).
+const AUDIT_ALL: u8 = b'x';
+const AUDIT_SUBJECT: u8 = b's';
 /// Format 1's audit indexes by actor and by action (`A` ‖ `u` | `a`): gone since format 2,
 /// removed when a format 1 store is opened.
 const AUDIT_V1_TAGS: [u8; 2] = [b'u', b'a'];
@@ -321,9 +325,9 @@ pub enum AuditKey {
 impl AuditKey {
     fn prefix(&self) -> Vec<u8> {
         match self {
-            AuditKey::All => vec![P_AUDIT, b'x'],
+            AuditKey::All => vec![P_AUDIT, AUDIT_ALL],
             AuditKey::Subject(s) => {
-                let mut k = vec![P_AUDIT, b's'];
+                let mut k = vec![P_AUDIT, AUDIT_SUBJECT];
                 k.extend_from_slice(s.as_bytes());
                 k
             }
@@ -718,9 +722,17 @@ impl Store {
         Ok(true)
     }
 
+    /// The positions in the audit index by subject, every subject's, in no particular order.
+    pub fn audit_subject_positions(&self) -> impl Iterator<Item = Result<Position, StoreError>> + '_ {
+        self.index.scan_prefix([P_AUDIT, AUDIT_SUBJECT]).map(|kv| {
+            let (k, _) = kv?;
+            be_u64(&k[18..]).ok_or(StoreError::Meta("audit key"))
+        })
+    }
+
     /// Removes format 1's audit indexes by actor and by action. Returns how many entries
-    /// went. Not made durable here: the caller's commit of the new format does that, and
-    /// until it does a rerun finds whatever is left.
+    /// went. Not made durable here (nothing reads them: a crash leaves some for the next
+    /// call to find).
     pub fn drop_v1_audit_indexes(&self) -> Result<u64, StoreError> {
         let mut removed = 0;
         for tag in AUDIT_V1_TAGS {

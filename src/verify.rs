@@ -75,13 +75,18 @@ pub fn verify(store: &Store, anchor: Option<Anchor>, progress: impl FnMut(u64)) 
     Ok(verify_log(records, meta_head, anchor, progress))
 }
 
-/// Records a reading thread hands the checking thread at a time.
+/// Records a reading thread hands the checking thread at a time: this many, or fewer when
+/// their bytes reach `READ_AHEAD_BYTES` (events can be up to 1 MiB each).
 const READ_AHEAD_CHUNK: usize = 4096;
+const READ_AHEAD_BYTES: usize = 4 << 20;
+/// Chunks read ahead of the checker (plus the one being filled and the one being checked).
+const READ_AHEAD_CHUNKS: usize = 4;
 
 /// Checks a log given as (position, stored bytes) in order (from a store or a backup),
 /// against the head its container records (`None`: no head recorded). One thread reads the
-/// records while this one decodes and hashes them (a few chunks ahead at most, so memory
-/// stays bounded): reading and hashing each took about half the time of a one-thread check.
+/// records while this one decodes and hashes them, at most `READ_AHEAD_CHUNKS` chunks ahead
+/// (each chunk under 4 MiB plus one record: a few tens of MiB in memory at most). Reading and
+/// hashing each took about half the time of a one-thread check.
 pub fn verify_log(
     records: impl Iterator<Item = Result<(Position, Vec<u8>), String>> + Send,
     meta_head: Option<(Position, ChainHash)>,
@@ -89,13 +94,16 @@ pub fn verify_log(
     progress: impl FnMut(u64),
 ) -> Report {
     std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<_>>(4);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<_>>(READ_AHEAD_CHUNKS);
         scope.spawn(move || {
             let mut chunk = Vec::with_capacity(READ_AHEAD_CHUNK);
+            let mut bytes = 0;
             for item in records {
                 let failed = item.is_err();
+                bytes += item.as_ref().map_or(0, |(_, b)| b.len());
                 chunk.push(item);
-                if chunk.len() == READ_AHEAD_CHUNK || failed {
+                if chunk.len() == READ_AHEAD_CHUNK || bytes >= READ_AHEAD_BYTES || failed {
+                    bytes = 0;
                     // The checker stops at the first break and drops its end: so do we.
                     if tx.send(std::mem::replace(&mut chunk, Vec::with_capacity(READ_AHEAD_CHUNK))).is_err() || failed {
                         return;
@@ -237,7 +245,7 @@ pub fn verify_indexes(
 ) -> Result<Option<Break>, StoreError> {
     use crate::record::Kind;
     let brk = |position: Position, reason: String| Ok(Some(Break { position, reason }));
-    let (mut sealed, mut audits) = (0u64, 0u64);
+    let (mut sealed, mut audits, mut about_subjects) = (0u64, 0u64, 0u64);
     let mut subjects = std::collections::HashSet::new();
     for item in store.records(1) {
         let (pos, bytes) = item?;
@@ -270,6 +278,7 @@ pub fn verify_indexes(
             }
             Kind::Ledger if h.event_type == crate::audit::EVENT_TYPE => {
                 audits += 1;
+                about_subjects += u64::from(!h.subject.is_nil());
                 if !store.audit_indexed(pos, crate::audit::indexed_subject(h.subject))? {
                     return brk(pos, "the audit entry is missing from the audit index".into());
                 }
@@ -298,6 +307,18 @@ pub fn verify_indexes(
     }
     if indexed != audits {
         return brk(head, format!("the audit index has {indexed} entries for {audits} audit entries"));
+    }
+    let mut by_subject = 0u64;
+    for p in store.audit_subject_positions() {
+        if p? <= head {
+            by_subject += 1;
+        }
+    }
+    if by_subject != about_subjects {
+        return brk(
+            head,
+            format!("the audit index by subject has {by_subject} entries for {about_subjects} audit entries about a subject"),
+        );
     }
     progress(head);
     Ok(None)

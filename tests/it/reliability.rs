@@ -343,8 +343,10 @@ fn verify_deep_finds_index_entries_lost_misplaced_or_extra() {
 /// A data directory written by the previous format (1: the audit trail also indexed by actor
 /// and by action; made by pdledger at 838f83a from the sample register's first 40
 /// lines, two exports and a user added) reads the same audit trail before and after the
-/// upgrade, which happens once when the ledger opens it: the old index entries go, the format
-/// becomes 2, `verify --deep` passes and new entries are found by subject, actor and action.
+/// upgrade, which happens when the ledger opens it with its keyring: the format becomes 2, the
+/// old index entries go (also those a crash during the upgrade left), `verify --deep` passes
+/// and new entries are found by subject, actor and action. With the wrong keyring nothing
+/// changes.
 #[test]
 fn a_format_1_data_directory_upgrades_in_place_with_the_same_audit_trail() {
     use pdledger::store::Store;
@@ -370,8 +372,28 @@ fn a_format_1_data_directory_upgrades_in_place_with_the_same_audit_trail() {
     assert_eq!(format(&old), Some(1));
     assert_eq!(Store::open(&old.data(), "test", 1 << 20).unwrap().drop_v1_audit_indexes().unwrap(), 6);
 
+    // A crash during an upgrade: format 2 durable, the old entries still there. The next
+    // open removes them.
+    let crashed = Scratch::new();
+    unpack(&crashed);
+    {
+        let store = Store::open(&crashed.data(), "test", 1 << 20).unwrap();
+        let mut b = pdledger::store::WriteBatch::default();
+        b.put_meta("format", &2u32.to_be_bytes());
+        store.commit(b).unwrap();
+    }
+    assert!(crashed.cli(&["export", subject]).status.success());
+    assert_eq!(Store::open(&crashed.data(), "test", 1 << 20).unwrap().drop_v1_audit_indexes().unwrap(), 0);
+
     let s = Scratch::new();
     unpack(&s);
+    // Opened with a keyring that is not its own: refused, and still format 1 (an older
+    // pdledger can still open it with the right one).
+    let stranger = s.root.path().join("other-keyring");
+    std::fs::create_dir(&stranger).unwrap();
+    let out = s.cli_cmd(&["export", subject]).env("PDLEDGER_KEYRING", &stranger).output().unwrap();
+    assert!(!out.status.success());
+    assert_eq!(format(&s), Some(1), "{}", stderr(&out));
     // Read as it stands, by this version, before any upgrade: what the old version printed.
     let expected: Vec<Value> = [
         r#"{"position":43,"at":"2026-11-30T04:27:08.536Z","actor":"cli","action":"user_created","subject":null,"outcome":"ok","target":"clerk"}"#,
