@@ -13,12 +13,18 @@
 //! - Failed logins are counted per account name (known or not, so lockout does not reveal
 //!   which names exist) and per address; past the limit, logins answer "locked" with the
 //!   seconds to wait.
+//! - Password hashes are computed a few at a time (`AuthConfig::hashes_at_once`, the number
+//!   of cores by default): each holds Argon2's 19 MiB, so a burst of logins would otherwise
+//!   hold 19 MiB per request in flight (64 at once took the server from 114 MB to 1 GB).
+//!   Logins queued behind a burst check the lockout again when their turn comes, so a burst
+//!   from one address or against one account gets at most `hashes_at_once - 1` attempts past
+//!   its limit.
 //!
 //! Time comes from an injected clock so tests can move it.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
@@ -128,6 +134,13 @@ pub struct AuthConfig {
     /// Failed logins per client address before it is locked for `lockout_secs`.
     pub failures_per_address: u32,
     pub lockout_secs: u64,
+    /// Password hashes (Argon2id, 19 MiB each) computed at once; further logins wait.
+    pub hashes_at_once: usize,
+}
+
+/// The number of cores, the default of `hashes_at_once`.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 impl Default for AuthConfig {
@@ -138,6 +151,7 @@ impl Default for AuthConfig {
             failures_per_account: 5,
             failures_per_address: 20,
             lockout_secs: 300,
+            hashes_at_once: cores(),
         }
     }
 }
@@ -213,6 +227,39 @@ pub struct Auth {
     accounts: Mutex<HashMap<String, Counter>>,
     addresses: Mutex<HashMap<IpAddr, Counter>>,
     pending: Mutex<HashMap<[u8; 32], Pending>>,
+    hashing: HashGate,
+}
+
+/// Lets at most `max` password hashes run at once; the others wait for a turn.
+struct HashGate {
+    busy: Mutex<usize>,
+    turn: Condvar,
+    max: usize,
+}
+
+/// A turn to compute a password hash, given back when dropped.
+struct HashTurn<'a>(&'a HashGate);
+
+impl HashGate {
+    fn new(max: usize) -> HashGate {
+        HashGate { busy: Mutex::new(0), turn: Condvar::new(), max: max.max(1) }
+    }
+
+    fn enter(&self) -> HashTurn<'_> {
+        let mut busy = self.busy.lock().expect("not poisoned");
+        while *busy >= self.max {
+            busy = self.turn.wait(busy).expect("not poisoned");
+        }
+        *busy += 1;
+        HashTurn(self)
+    }
+}
+
+impl Drop for HashTurn<'_> {
+    fn drop(&mut self) {
+        *self.0.busy.lock().expect("not poisoned") -= 1;
+        self.0.turn.notify_one();
+    }
 }
 
 const COUNTERS_MAX: usize = 100_000;
@@ -245,6 +292,7 @@ impl Auth {
         let params =
             Params::new(ARGON2_M_KIB, ARGON2_T, ARGON2_P, None).map_err(|e| AuthError::Internal(e.to_string()))?;
         let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
+        let hashing = HashGate::new(config.hashes_at_once);
         let mut auth = Auth {
             kv,
             config,
@@ -254,6 +302,7 @@ impl Auth {
             accounts: Mutex::new(HashMap::new()),
             addresses: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
+            hashing,
         };
         auth.dummy_hash = auth.hash_password("not a real password, only for timing")?;
         Ok(auth)
@@ -268,6 +317,7 @@ impl Auth {
     }
 
     fn hash_password(&self, password: &str) -> Result<String, AuthError> {
+        let _turn = self.hashing.enter();
         let salt_bytes: [u8; 16] = random_bytes().map_err(|e| AuthError::Internal(e.to_string()))?;
         let salt = SaltString::encode_b64(&salt_bytes).map_err(|e| AuthError::Internal(e.to_string()))?;
         Ok(self
@@ -277,7 +327,8 @@ impl Auth {
             .to_string())
     }
 
-    fn verify_password(&self, hash: &str, password: &str) -> bool {
+    /// Call with a turn of `hashing` held.
+    fn verify_password(&self, _turn: &HashTurn<'_>, hash: &str, password: &str) -> bool {
         match PasswordHash::new(hash) {
             Ok(parsed) => self.argon.verify_password(password.as_bytes(), &parsed).is_ok(),
             Err(_) => false,
@@ -401,14 +452,21 @@ impl Auth {
         }
         let user = if username_is_valid(&name) { self.user(&name)? } else { None };
         let hash = user.as_ref().map(|u| u.password_hash.as_str()).unwrap_or(&self.dummy_hash);
-        let password_ok = self.verify_password(hash, password);
+        let turn = self.hashing.enter();
+        // Again: attempts that waited behind others from the same account or address.
+        if let Some(retry_after_secs) = self.locked(&name, addr) {
+            return Ok(Login::Locked { retry_after_secs });
+        }
+        let password_ok = self.verify_password(&turn, hash, password);
         let user = match user {
             Some(u) if password_ok && !u.disabled => u,
             other => {
+                // Counted before the turn is given back, so the next in line sees it.
                 self.record_failure(&name, addr);
                 return Ok(Login::Invalid { username: other.map(|u| u.username) });
             }
         };
+        drop(turn);
         if user.has_totp() {
             let mfa_token = new_token("mfa_")?;
             let mut pending = self.pending.lock().expect("not poisoned");

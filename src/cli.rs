@@ -391,6 +391,10 @@ pub struct ServeLimits {
     /// How long a lockout lasts, in seconds.
     #[arg(long, default_value_t = 300)]
     lockout_secs: u64,
+    /// Password hashes (Argon2id, 19 MiB of memory each) computed at once; further logins
+    /// wait their turn. Default: the number of cores.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    password_hashes_max: Option<u32>,
     /// How long a session token lives, in seconds.
     #[arg(long, default_value_t = 8 * 3600)]
     session_secs: u64,
@@ -1063,6 +1067,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
                     failures_per_account: l.login_failures_max,
                     failures_per_address: l.login_failures_per_address_max,
                     lockout_secs: l.lockout_secs,
+                    hashes_at_once: l.password_hashes_max.map_or_else(crate::auth::cores, |n| n as usize),
                     ..Default::default()
                 },
             };

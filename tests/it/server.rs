@@ -344,3 +344,53 @@ async fn nothing_personal_in_logs_or_on_disk_after_http_traffic() {
     let hits: Vec<_> = hits.into_iter().filter(|(_, _, p)| !p.ends_with("gen.jsonl")).collect();
     assert!(hits.is_empty(), "found in the log or data directory: {:?}", &hits[..hits.len().min(5)]);
 }
+
+fn peak_rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// A burst of logins: Argon2id holds 19 MiB per password hash, so the server computes them a
+/// few at a time (`--password-hashes-max`) instead of one per request in flight (64 wrong
+/// logins at once took it from 114 MB to 1 GB), and the lockout per address holds exactly
+/// under the burst (each login in the queue checks it again when its turn comes; before,
+/// all 64 were hashed and answered 401).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_logins_is_hashed_one_at_a_time_and_stops_at_the_lockout() {
+    const BURST: usize = 48;
+    let s = Scratch::new();
+    let server = Server::start(&s, &["--plain-http", "--password-hashes-max", "1"]);
+    let pid = server.child.id();
+    let client = Arc::new(Client::new(&server, &s.data()));
+    let (status, _) = client.call("GET", "/healthz", None, None).await;
+    assert_eq!(status, 200);
+    let peak_before = peak_rss_kb(pid);
+    let logins: Vec<_> = (0..BURST)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let body = json!({"username": format!("nobody{i}"), "password": "a wrong password, long enough"});
+                client.call("POST", "/v1/auth/login", None, Some(body)).await.0
+            })
+        })
+        .collect();
+    let mut statuses = vec![];
+    for l in logins {
+        statuses.push(l.await.unwrap());
+    }
+    let peak_after = peak_rss_kb(pid);
+    // Distinct names, one address: the address's limit (20 by default) is what stops them.
+    let refused = statuses.iter().filter(|&&s| s == 401).count();
+    let locked = statuses.iter().filter(|&&s| s == 429).count();
+    assert_eq!((refused, locked), (20, BURST - 20), "{statuses:?}");
+    // One hash at a time: 19 MiB (two or three while freed ones are purged) and what else the burst costs, far from 19 MiB per login.
+    let grew_mb = peak_after.saturating_sub(peak_before) / 1024;
+    assert!(grew_mb < 6 * 19, "peak RSS grew by {grew_mb} MB during {BURST} logins");
+    eprintln!("peak RSS {} -> {} MB over {BURST} logins at once", peak_before / 1024, peak_after / 1024);
+    assert!(server.stop().success());
+}
