@@ -345,16 +345,6 @@ async fn nothing_personal_in_logs_or_on_disk_after_http_traffic() {
     assert!(hits.is_empty(), "found in the log or data directory: {:?}", &hits[..hits.len().min(5)]);
 }
 
-fn peak_rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
 /// A burst of logins: Argon2id holds 19 MiB per password hash, so the server computes them a
 /// few at a time (`--password-hashes-max`) instead of one per request in flight (64 wrong
 /// logins at once took it from 114 MB to 1 GB), and the lockout per address holds exactly
@@ -369,7 +359,7 @@ async fn a_burst_of_logins_is_hashed_one_at_a_time_and_stops_at_the_lockout() {
     let client = Arc::new(Client::new(&server, &s.data()));
     let (status, _) = client.call("GET", "/healthz", None, None).await;
     assert_eq!(status, 200);
-    let peak_before = peak_rss_kb(pid);
+    let peak_before = proc_status_kb(pid, "VmHWM");
     let logins: Vec<_> = (0..BURST)
         .map(|i| {
             let client = client.clone();
@@ -383,7 +373,7 @@ async fn a_burst_of_logins_is_hashed_one_at_a_time_and_stops_at_the_lockout() {
     for l in logins {
         statuses.push(l.await.unwrap());
     }
-    let peak_after = peak_rss_kb(pid);
+    let peak_after = proc_status_kb(pid, "VmHWM");
     // Distinct names, one address: the address's limit (20 by default) is what stops them.
     let refused = statuses.iter().filter(|&&s| s == 401).count();
     let locked = statuses.iter().filter(|&&s| s == 429).count();

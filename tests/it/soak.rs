@@ -1,14 +1,14 @@
 //! A soak test: the real server under mixed traffic from several roles for a bounded time
 //! (`PDLEDGER_SOAK_SECS`, default 60; the 10-minute run is `PDLEDGER_SOAK_SECS=600 cargo test
 //! --test it soak -- --nocapture`). Zero 5xx and open files flat are asserted, and the RSS
-//! curve is printed in tenths of the run. Memory: the goal is growth under 10% after
-//! warm-up. The 10-minute run measures +37% to +60% after the 150 s warm-up (233 → 338 MB at
-//! 492 requests/s with glibc's malloc, 357 → 538 MB at 744/s with mimalloc, 324 → 518 MB at
-//! 869/s; +67% with no rotations at all): sled's 64 MiB page cache filling in the first minutes, then a creep of
-//! about half a kilobyte per request while the store grows by gigabytes (sled's in-memory page
-//! table and segment bookkeeping grow with it). So the assertion is the looser bound of
-//! doubling, which still catches a leak per request, and the
-//! figure is recorded in docs/RELIABILITY.md as the goal not met.
+//! curve is printed in tenths of the run; the growth figure compares medians of five samples
+//! after the warm-up and at the end. Memory: the goal is growth under 10% after
+//! warm-up. The 10-minute run measures +37% to +60% after the 150 s warm-up, about half a
+//! kilobyte per request: sled's cache filling in the first minutes (it holds several times
+//! its configured size in memory), then memory the allocator keeps while the live heap stays
+//! flat (heaptrack, docs/BENCHMARKS.md). So the assertion is the looser bound of doubling,
+//! which still catches a leak per request, and the figure is recorded in docs/RELIABILITY.md
+//! as the goal not met.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,16 +20,6 @@ use uuid::Uuid;
 use crate::http::PASSWORD;
 use crate::server::{Client, Server};
 use crate::support::*;
-
-fn rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
 
 /// Bytes of the files under `dir` (sled's log grows with every write, overwrites included).
 fn dir_bytes(dir: &std::path::Path) -> u64 {
@@ -43,6 +33,20 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
+}
+
+/// The median of five RSS samples a second apart: one sample moves by 30-50 MB with what is in
+/// flight at that moment (exports, rotations, sled's cache turning over).
+async fn rss_median_kb(pid: u32) -> u64 {
+    let mut samples = vec![];
+    for i in 0..5 {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await; // spacing samples, not synchronisation
+        }
+        samples.push(proc_status_kb(pid, "VmRSS"));
+    }
+    samples.sort_unstable();
+    samples[2]
 }
 
 fn open_files(pid: u32) -> usize {
@@ -128,7 +132,7 @@ async fn soak_mixed_traffic_no_errors_flat_memory_and_files() {
     let started = Instant::now();
     let warm = Duration::from_secs((secs / 4).max(10).min(secs));
     tokio::time::sleep(warm).await; // the load's duration, not synchronisation
-    let (rss0, files0) = (rss_kb(pid), open_files(pid));
+    let (rss0, files0) = (rss_median_kb(pid).await, open_files(pid));
     // The curve, in tenths of the run: a bounded cache filling flattens, a leak does not.
     let mut curve = vec![];
     for tenth in 1..=10u32 {
@@ -137,11 +141,11 @@ async fn soak_mixed_traffic_no_errors_flat_memory_and_files() {
         curve.push(format!(
             "{}s {}MB (data {}MB)",
             started.elapsed().as_secs(),
-            rss_kb(pid) / 1024,
+            proc_status_kb(pid, "VmRSS") / 1024,
             dir_bytes(&s.data()) >> 20
         ));
     }
-    let (rss1, files1) = (rss_kb(pid), open_files(pid));
+    let (rss1, files1) = (rss_median_kb(pid).await, open_files(pid));
     eprintln!("soak RSS: {}", curve.join(", "));
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
