@@ -450,13 +450,14 @@ impl Auth {
         if let Some(retry_after_secs) = self.locked(&name, addr) {
             return Ok(Login::Locked { retry_after_secs });
         }
-        let user = if username_is_valid(&name) { self.user(&name)? } else { None };
-        let hash = user.as_ref().map(|u| u.password_hash.as_str()).unwrap_or(&self.dummy_hash);
         let turn = self.hashing.enter();
         // Again: attempts that waited behind others from the same account or address.
         if let Some(retry_after_secs) = self.locked(&name, addr) {
             return Ok(Login::Locked { retry_after_secs });
         }
+        // Read once the turn has come: a user disabled meanwhile is seen as disabled.
+        let user = if username_is_valid(&name) { self.user(&name)? } else { None };
+        let hash = user.as_ref().map(|u| u.password_hash.as_str()).unwrap_or(&self.dummy_hash);
         let password_ok = self.verify_password(&turn, hash, password);
         let user = match user {
             Some(u) if password_ok && !u.disabled => u,

@@ -3,7 +3,7 @@
 //! --test it soak -- --nocapture`). Zero 5xx and open files flat are asserted, and the RSS
 //! curve is printed in tenths of the run; the growth figure compares medians of five samples
 //! after the warm-up and at the end. Memory: the goal is growth under 10% after
-//! warm-up. The 10-minute run measures +37% to +60% after the 150 s warm-up, about half a
+//! warm-up. The 10-minute run measures +16% to +60% after the 150 s warm-up, about half a
 //! kilobyte per request: sled's cache filling in the first minutes (it holds several times
 //! its configured size in memory), then memory the allocator keeps while the live heap stays
 //! flat (heaptrack, docs/BENCHMARKS.md). So the assertion is the looser bound of doubling,
