@@ -165,11 +165,16 @@ pub struct AppState {
     /// Retention rules: what an erasure keeps, and for how long.
     pub retention: Arc<crate::retention::Rules>,
     limiter: Arc<tokio::sync::Semaphore>,
+    /// Turns to compute a password hash (`AuthConfig::hashes_at_once`), waited for here, on
+    /// the async side: a login that times out while it waits leaves the queue and holds no
+    /// blocking thread. (`Auth` bounds the hashes itself too, for every other caller.)
+    hash_turns: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
     pub fn new(ledger: Arc<Ledger>, auth: Arc<Auth>, config: ApiConfig) -> AppState {
         let limiter = Arc::new(tokio::sync::Semaphore::new(config.concurrency_max));
+        let hash_turns = Arc::new(tokio::sync::Semaphore::new(auth.config().hashes_at_once.max(1)));
         let rotation =
             Arc::new(crate::rotator::Rotator::spawn(ledger.clone(), Duration::from_millis(config.rotate_delay_ms)));
         AppState {
@@ -181,7 +186,19 @@ impl AppState {
             backup: None,
             retention: Arc::new(crate::retention::Rules::builtin()),
             limiter,
+            hash_turns,
         }
+    }
+
+    /// Runs password-hashing work (a login, a new user) off the runtime once a turn is free.
+    async fn hashing<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+        let turn = self.hash_turns.clone().acquire_owned().await.map_err(ApiError::internal)?;
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            work()
+        })
+        .await
+        .map_err(ApiError::internal)
     }
 
     /// Reports this continuous backup in `/healthz` and `/metrics`.
@@ -889,9 +906,7 @@ async fn login(
     check_len("username", &body.username, 256)?;
     check_len("password", &body.password, 4 * crate::auth::PASSWORD_CHARS_MAX)?;
     let auth = state.auth.clone();
-    let outcome = tokio::task::spawn_blocking(move || auth.login(&body.username, &body.password, addr))
-        .await
-        .map_err(ApiError::internal)??;
+    let outcome = state.hashing(move || auth.login(&body.username, &body.password, addr)).await??;
     finish_login(&state, &ctx, outcome).await
 }
 
@@ -1019,9 +1034,7 @@ async fn user_create(
         body.role.parse().map_err(|e: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e))?;
     let auth = state.auth.clone();
     let username = body.username.clone();
-    let user = tokio::task::spawn_blocking(move || auth.create_user(&body.username, &body.password, role))
-        .await
-        .map_err(ApiError::internal)??;
+    let user = state.hashing(move || auth.create_user(&body.username, &body.password, role)).await??;
     let mut e = entry(&ctx, Action::UserCreated, None, Outcome::Ok);
     e.target = Some(username);
     write_audit(&state, &caller.username, vec![e]).await?;

@@ -18,7 +18,9 @@
 //!   hold 19 MiB per request in flight (64 at once took the server from 114 MB to 1 GB).
 //!   Logins queued behind a burst check the lockout again when their turn comes, so a burst
 //!   from one address or against one account gets at most `hashes_at_once - 1` attempts past
-//!   its limit.
+//!   its limit. (The server queues logins for a turn on the async side, `api::AppState`, so a
+//!   login that times out while it waits holds no thread; the gate here bounds every caller.)
+//!   The turns are not handed out in order of arrival.
 //!
 //! Time comes from an injected clock so tests can move it.
 
@@ -444,7 +446,8 @@ impl Auth {
     }
 
     /// Checks a username and password. Costs one Argon2id verification whether or not the
-    /// user exists. Call it off the async runtime (it takes tens of milliseconds).
+    /// user exists (none when the lockout refuses it), after waiting for a hashing turn. Call
+    /// it off the async runtime (it takes tens of milliseconds, more while others hash).
     pub fn login(&self, username: &str, password: &str, addr: Option<IpAddr>) -> Result<Login, AuthError> {
         let name = username.to_lowercase();
         if let Some(retry_after_secs) = self.locked(&name, addr) {
