@@ -450,11 +450,9 @@ impl Auth {
     /// it off the async runtime (it takes tens of milliseconds, more while others hash).
     pub fn login(&self, username: &str, password: &str, addr: Option<IpAddr>) -> Result<Login, AuthError> {
         let name = username.to_lowercase();
-        if let Some(retry_after_secs) = self.locked(&name, addr) {
-            return Ok(Login::Locked { retry_after_secs });
-        }
         let turn = self.hashing.enter();
-        // Again: attempts that waited behind others from the same account or address.
+        // Checked once the turn has come, so attempts that waited behind others from the same
+        // account or address see their failures.
         if let Some(retry_after_secs) = self.locked(&name, addr) {
             return Ok(Login::Locked { retry_after_secs });
         }
