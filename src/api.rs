@@ -1319,11 +1319,12 @@ async fn feed(
         let (after, t) = (q.after_position, q.event_type.clone());
         // Scan at most a bounded number of records per request, matching or not.
         let scan_max = limit.saturating_mul(20).max(10_000);
-        let (events, next) = tokio::task::spawn_blocking(move || {
+        let role = caller.role;
+        let (events, next, seen) = tokio::task::spawn_blocking(move || {
             let mut out = vec![];
             let mut next = after;
             // after_position may be the largest position there can be: nothing comes after it.
-            let Some(from) = after.checked_add(1) else { return Ok((out, next)) };
+            let Some(from) = after.checked_add(1) else { return Ok((out, next, BTreeMap::new())) };
             for (scanned, entry) in ledger.log(from).enumerate() {
                 let entry = entry?;
                 next = entry.header.position;
@@ -1339,7 +1340,11 @@ async fn feed(
                     break;
                 }
             }
-            Ok::<_, crate::ledger::ReadError>((out, next))
+            let mut subjects: Vec<Uuid> = out.iter().map(|e| e.header.subject).collect();
+            subjects.sort_unstable();
+            subjects.dedup();
+            let seen = sights(&ledger, role, &subjects)?;
+            Ok::<_, crate::ledger::ReadError>((out, next, seen))
         })
         .await
         .map_err(ApiError::internal)??;
@@ -1354,11 +1359,10 @@ async fn feed(
                 continue;
             }
         }
-        let mut subjects: Vec<Uuid> = events.iter().map(|e| e.header.subject).collect();
-        subjects.sort_unstable();
-        subjects.dedup();
-        if !subjects.is_empty() {
-            let entries = subjects.into_iter().map(|s| entry(&ctx, Action::Read, Some(s), Outcome::Ok)).collect();
+        // Every subject on the page, audited as what it was: read, withheld as restricted
+        // (denied) or as erased (failed).
+        if !seen.is_empty() {
+            let entries = seen.iter().map(|(s, sight)| entry(&ctx, Action::Read, Some(*s), sight.outcome())).collect();
             write_audit(&state, &caller.username, entries).await?;
         }
         let events: Vec<Value> = events
@@ -1367,8 +1371,9 @@ async fn feed(
                 let h = &e.header;
                 let mut v = json!({"position": h.position, "subject": h.subject, "version": h.version, "type": h.event_type,
                                    "recorded_at": crate::time::rfc3339(h.recorded_at_ms)});
-                match e.payload {
-                    Payload::Event { occurred_at, data } => {
+                match (seen.get(&h.subject).copied().unwrap_or(Sight::Erased), e.payload) {
+                    (Sight::Restricted, _) => v["restricted"] = json!(true),
+                    (Sight::Data, Payload::Event { occurred_at, data }) => {
                         v["occurred_at"] = json!(occurred_at);
                         v["data"] = data;
                     }
@@ -1395,11 +1400,9 @@ async fn subject_gate(
 ) -> Result<(), ApiError> {
     let refuse = |outcome: Outcome| entry(ctx, action, Some(subject), outcome);
     if let Some(e) = state.ledger.erasure(subject)? {
-        // Categories kept by a legal obligation stay readable to the dpo alone (Art. 17(3)(b)
-        // with Art. 18), audited like any read.
         let held = e.retained.iter().any(|h| !h.shredded);
-        if !(held && caller.role == Role::Dpo) {
-            write_audit(state, &caller.username, vec![refuse(Outcome::Failed)]).await?;
+        if sight(caller.role, Some(held), false) != Sight::Data {
+            write_audit(state, &caller.username, vec![refuse(Sight::Erased.outcome())]).await?;
             return Err(ApiError::erased(e.erased_at_ms));
         }
         return Ok(());
@@ -1408,8 +1411,8 @@ async fn subject_gate(
         write_audit(state, &caller.username, vec![refuse(Outcome::Failed)]).await?;
         return Err(ApiError::not_found("no such subject"));
     }
-    if caller.role != Role::Dpo && state.ledger.restricted(subject)? {
-        write_audit(state, &caller.username, vec![refuse(Outcome::Denied)]).await?;
+    if sight(caller.role, None, state.ledger.restricted(subject)?) == Sight::Restricted {
+        write_audit(state, &caller.username, vec![refuse(Sight::Restricted.outcome())]).await?;
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "restricted",
@@ -1417,6 +1420,52 @@ async fn subject_gate(
         ));
     }
     Ok(())
+}
+
+/// What a caller may see of a subject's data: the one rule behind `subject_gate` (which
+/// refuses a request about one subject) and the pages of many subjects (the feed, a view's
+/// list), which show such a subject without its data instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sight {
+    Data,
+    /// Erased: nothing, except that categories a legal obligation keeps stay readable to the
+    /// dpo alone (Art. 17(3)(b) with Art. 18).
+    Erased,
+    /// Processing restricted (Art. 18): the dpo alone reads.
+    Restricted,
+}
+
+impl Sight {
+    /// The audit outcome of a read that met this.
+    fn outcome(self) -> Outcome {
+        match self {
+            Sight::Data => Outcome::Ok,
+            Sight::Erased => Outcome::Failed,
+            Sight::Restricted => Outcome::Denied,
+        }
+    }
+}
+
+/// `erased_holding`: `None` not erased, `Some(held)` erased with categories still held or not.
+fn sight(role: Role, erased_holding: Option<bool>, restricted: bool) -> Sight {
+    match erased_holding {
+        Some(true) if role == Role::Dpo => Sight::Data,
+        Some(_) => Sight::Erased,
+        None if restricted && role != Role::Dpo => Sight::Restricted,
+        None => Sight::Data,
+    }
+}
+
+/// `sight` for each of `subjects` (distinct), read from the ledger.
+fn sights(ledger: &Ledger, role: Role, subjects: &[Uuid]) -> Result<BTreeMap<Uuid, Sight>, crate::ledger::ReadError> {
+    subjects
+        .iter()
+        .map(|s| {
+            let erased = ledger.erased_holding(*s)?;
+            let restricted = erased.is_none() && ledger.restricted(*s)?;
+            Ok((*s, sight(role, erased, restricted)))
+        })
+        .collect()
 }
 
 /// The register extract (Art. 15/20): JSON by default, the readable page with
@@ -1654,20 +1703,29 @@ async fn view_list(
     let limit = q.limit.unwrap_or(100).clamp(1, state.config.page_max);
     let ledger = state.ledger.clone();
     let name = view.clone();
-    let page = tokio::task::spawn_blocking(move || ledger.view_page(&name, q.cursor, limit))
-        .await
-        .map_err(ApiError::internal)??;
+    let role = caller.role;
+    let (page, seen) = tokio::task::spawn_blocking(move || {
+        let page = ledger.view_page(&name, q.cursor, limit)?;
+        let subjects: Vec<Uuid> = page.iter().map(|(s, _)| *s).collect();
+        let seen = sights(&ledger, role, &subjects)?;
+        Ok::<_, crate::ledger::ReadError>((page, seen))
+    })
+    .await
+    .map_err(ApiError::internal)??;
     if let Some(p) = page.iter().map(|(_, d)| d.position).max() {
         state.ledger.wait_durable(p).await?;
     }
-    // Every subject shown is an access to that subject's data: one entry each.
+    // Every subject on the page is an access to that subject's data: one entry each, as
+    // shown or as withheld (a restricted subject, or an erased one's kept documents, are
+    // left out of the page for all but the dpo).
     if !page.is_empty() {
-        let entries = page.iter().map(|(s, _)| entry(&ctx, Action::View, Some(*s), Outcome::Ok)).collect();
+        let entries = seen.iter().map(|(s, sight)| entry(&ctx, Action::View, Some(*s), sight.outcome())).collect();
         write_audit(&state, &caller.username, entries).await?;
     }
     let next_cursor = if page.len() >= limit { page.last().map(|(s, _)| *s) } else { None };
     let items: Vec<Value> = page
         .into_iter()
+        .filter(|(subject, _)| seen.get(subject) == Some(&Sight::Data))
         .map(|(subject, d)| json!({"subject": subject, "version": d.version, "data": d.data}))
         .collect();
     Ok(axum::Json(json!({"view": view, "items": items, "next_cursor": next_cursor})).into_response())

@@ -216,12 +216,15 @@ fn schemas(f: &Facts) -> Value {
     all.extend(object(json!({
         "Feed": {"type": "object", "required": ["events", "next_position"], "additionalProperties": false, "properties": {
             "events": {"type": "array", "items": {"type": "object", "required": ["position", "subject", "version", "type", "recorded_at"],
-                "additionalProperties": false, "description": "An event; a crypto-shredded one has `erased` and no data.",
+                "additionalProperties": false,
+                "description": "An event. An erased subject's (or a crypto-shredded category's) has `erased` and no data (the dpo alone still sees the data of categories a legal obligation keeps); a restricted subject's (Art. 18) has `restricted` and no data for anyone but the dpo.",
                 "properties": {"position": count, "subject": r("Uuid"), "version": count,
                     "type": {"type": "string"}, "recorded_at": recorded, "occurred_at": {"type": "string"},
-                    "data": {"type": "object"}, "erased": {"const": true}}}},
+                    "data": {"type": "object"}, "erased": {"const": true}, "restricted": {"const": true}}}},
             "next_position": count}},
-        "ViewPage": {"type": "object", "required": ["view", "items", "next_cursor"], "additionalProperties": false, "properties": {
+        "ViewPage": {"type": "object", "required": ["view", "items", "next_cursor"], "additionalProperties": false,
+            "description": "A page of documents in subject-id order. A restricted subject's (Art. 18) and an erased subject's kept documents are left out for all but the dpo, so a page can hold fewer items than its limit and still have a next_cursor.",
+            "properties": {
             "view": {"type": "string"},
             "items": {"type": "array", "items": {"type": "object", "required": ["subject", "version", "data"], "additionalProperties": false,
                 "properties": {"subject": r("Uuid"), "version": count, "data": {"type": "object"}}}},

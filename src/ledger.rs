@@ -412,6 +412,16 @@ impl Ledger {
         }))
     }
 
+    /// Whether a subject is erased (durably) and, if so, whether categories kept by a legal
+    /// obligation are still held: `None` not erased, `Some(held)`. What `erasure` tells, from
+    /// two index reads instead of the erasure's record (for pages of many subjects).
+    pub fn erased_holding(&self, subject: Uuid) -> Result<Option<bool>, ReadError> {
+        match self.shared.store.erased(subject)? {
+            Some(at) if at <= self.shared.durable() => Ok(Some(!self.shared.store.holds_of(subject)?.is_empty())),
+            _ => Ok(None),
+        }
+    }
+
     /// Whether a subject's processing is restricted (Art. 18).
     pub fn restricted(&self, subject: Uuid) -> Result<bool, ReadError> {
         Ok(self.shared.store.restricted(subject)?.is_some_and(|p| p <= self.shared.durable()))

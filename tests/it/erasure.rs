@@ -268,8 +268,23 @@ async fn restriction_blocks_staff_reads_and_non_corrections() {
     assert_eq!(app.call(Method::POST, &format!("/v1/subjects/{s}/events"), Some(&staff), Some(fix)).await.status, 201);
     // The dpo still reads.
     assert_eq!(app.call(Method::GET, &format!("/v1/subjects/{s}/events"), Some(&dpo), None).await.status, 200);
-    let denied = app.audit(&format!("subject={s}&actor=staff")).await;
-    assert!(denied.iter().any(|e| e["action"] == "read" && e["outcome"] == "denied"), "{denied:?}");
+    // Pages of many subjects withhold it from staff too: the feed shows its events without
+    // data, a view's list leaves it out. The dpo sees both.
+    let id = s.to_string();
+    let events = app.feed_of(&staff, &id).await;
+    assert_eq!(events.len(), 2, "{events:?}");
+    for e in &events {
+        assert_eq!(e["restricted"], true, "{e}");
+        assert!(e.get("data").is_none() && e.get("occurred_at").is_none(), "{e}");
+    }
+    assert!(!app.view_lists(&staff, "customer", &id).await);
+    let events = app.feed_of(&dpo, &id).await;
+    assert!(events.len() == 2 && events.iter().all(|e| e["data"].is_object() && e.get("restricted").is_none()));
+    assert!(app.view_lists(&dpo, "customer", &id).await);
+    // Each refusal is in the trail once, the pages' included.
+    let trail = app.audit(&format!("subject={s}&actor=staff")).await;
+    let denied = |action: &str| trail.iter().filter(|e| e["action"] == action && e["outcome"] == "denied").count();
+    assert_eq!((denied("read"), denied("view")), (2, 2), "{trail:?}");
 
     assert_eq!(app.call(Method::POST, &format!("/v1/subjects/{s}/unrestrict"), Some(&dpo), None).await.status, 200);
     assert_eq!(app.call(Method::GET, &format!("/v1/subjects/{s}/events"), Some(&staff), None).await.status, 200);

@@ -114,6 +114,39 @@ impl App {
         assert_eq!(r.status, StatusCode::OK, "{}", r.body);
         r.body["entries"].as_array().unwrap().clone()
     }
+
+    /// One subject's events in the global feed as `token` sees it, read page by page to the
+    /// head.
+    pub async fn feed_of(&self, token: &str, subject: &str) -> Vec<Value> {
+        let (mut after, mut out) = (0u64, vec![]);
+        loop {
+            let path = format!("/v1/events?limit=1000&after_position={after}");
+            let r = self.call(Method::GET, &path, Some(token), None).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+            out.extend(r.body["events"].as_array().unwrap().iter().filter(|e| e["subject"] == subject).cloned());
+            let next = r.body["next_position"].as_u64().unwrap();
+            if next == after {
+                return out;
+            }
+            after = next;
+        }
+    }
+
+    /// Whether a view's list, read page by page as `token` sees it, holds `subject`.
+    pub async fn view_lists(&self, token: &str, view: &str, subject: &str) -> bool {
+        let mut cursor = String::new();
+        loop {
+            let r = self.call(Method::GET, &format!("/v1/views/{view}?limit=1000{cursor}"), Some(token), None).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+            if r.body["items"].as_array().unwrap().iter().any(|i| i["subject"] == subject) {
+                return true;
+            }
+            match r.body["next_cursor"].as_str() {
+                Some(c) => cursor = format!("&cursor={c}"),
+                None => return false,
+            }
+        }
+    }
 }
 
 fn note(text: &str) -> Value {

@@ -60,6 +60,17 @@ async fn invoices_outlive_an_erasure_request_until_the_bookkeeping_period_ends()
     let r = app.call(Method::GET, &format!("/v1/views/billing/{subject}"), Some(&dpo), None).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body["data"]["invoices"][0]["invoice_number"], "20210087900");
+    // So do pages of many subjects: staff sees every event of the subject as erased in the
+    // feed and no billing document in the list; the dpo sees the invoices' data.
+    let staff_sees = app.feed_of(&staff, INVOICED_2021).await;
+    assert_eq!(staff_sees.len(), mine.len());
+    assert!(staff_sees.iter().all(|e| e["erased"] == true && e.get("data").is_none()), "{staff_sees:?}");
+    assert!(!app.view_lists(&staff, "billing", INVOICED_2021).await);
+    let dpo_sees = app.feed_of(&dpo, INVOICED_2021).await;
+    let with_data: Vec<&str> =
+        dpo_sees.iter().filter(|e| e["data"].is_object()).map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(with_data, vec!["invoice.issued", "invoice.paid"], "{dpo_sees:?}");
+    assert!(app.view_lists(&dpo, "billing", INVOICED_2021).await);
 
     // The dpo's register extract says what was kept, why, and until when.
     let r = app.call(Method::GET, &format!("/v1/subjects/{subject}/export"), Some(&dpo), None).await;
