@@ -501,7 +501,15 @@ fn replay_subject(
     json: bool,
     out: &mut impl Write,
 ) -> anyhow::Result<Outcome> {
+    // A read of the subject's data, in the trail like the server's (and durable) before any of
+    // it is printed.
+    let audit = |outcome: crate::audit::Outcome| -> anyhow::Result<()> {
+        let entry = crate::audit::Entry::new(crate::audit::Action::Read, Some(subject), outcome);
+        ledger.submit(vec![entry.into_op("cli")])?;
+        Ok(())
+    };
     if let Some(e) = ledger.erasure(subject)? {
+        audit(crate::audit::Outcome::Failed)?;
         eprintln!(
             "subject {subject} was erased at {} (position {}): its events are crypto-shredded",
             e.erased_at, e.position
@@ -515,9 +523,11 @@ fn replay_subject(
         None => true,
     });
     if events.is_empty() {
+        audit(crate::audit::Outcome::Failed)?;
         eprintln!("subject {subject} has no readable events{}", if until.is_some() { " by then" } else { "" });
         return Ok(Outcome::Failed);
     }
+    audit(crate::audit::Outcome::Ok)?;
     for e in &events {
         if json {
             writeln!(out, "{}", serde_json::to_string(&serde_json::json!({"event": e}))?)?;

@@ -72,6 +72,15 @@ fn sample_round_trips_exactly() {
     assert_eq!(replayed.len(), by_subject[&first.parse().unwrap()].len());
     // Then the subject's views as they stand.
     assert!(lines.iter().any(|l| l["view"] == "customer" && l["data"]["name"] == events[0]["data"]["name"]));
+    // The read is in the audit trail, once, as the server's reads are.
+    let out = s.cli(&["audit", "--subject", first, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let trail: Vec<Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(trail.len(), 1, "{trail:?}");
+    assert_eq!(
+        (&trail[0]["action"], &trail[0]["actor"], &trail[0]["outcome"]),
+        (&json!("read"), &json!("cli"), &json!("ok"))
+    );
 }
 
 /// No personal value is on disk in any encoding, and the same scan finds them in the input.
