@@ -1089,11 +1089,18 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             let password = match std::env::var("PDLEDGER_PASSWORD") {
                 Ok(p) if !p.is_empty() => p,
                 _ => {
-                    if std::io::stdin().is_terminal() {
-                        eprint!("password for {name} (15 to 1024 characters; it will echo): ");
+                    let terminal = std::io::stdin().is_terminal();
+                    if terminal {
+                        eprint!("password for {name} (15 to 1024 characters; not shown): ");
                     }
                     let mut line = String::new();
-                    std::io::stdin().read_line(&mut line)?;
+                    {
+                        let _quiet = terminal.then(NoEcho::new).flatten();
+                        std::io::stdin().read_line(&mut line)?;
+                    }
+                    if terminal {
+                        eprintln!();
+                    }
                     line.trim_end_matches(['\r', '\n']).to_owned()
                 }
             };
@@ -1154,6 +1161,38 @@ pub fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::from(2)
+        }
+    }
+}
+
+/// The terminal on standard input with its echo off, until dropped (a typed password is not
+/// shown). `None` when standard input is not a terminal or its settings cannot be read.
+struct NoEcho(libc::termios);
+
+impl NoEcho {
+    fn new() -> Option<NoEcho> {
+        // SAFETY: tcgetattr and tcsetattr read and write a termios the caller owns; fd 0 is
+        // standard input, checked to be a terminal by the caller (they fail harmlessly if not).
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) != 0 {
+                return None;
+            }
+            let saved = t;
+            t.c_lflag &= !libc::ECHO;
+            if libc::tcsetattr(0, libc::TCSANOW, &t) != 0 {
+                return None;
+            }
+            Some(NoEcho(saved))
+        }
+    }
+}
+
+impl Drop for NoEcho {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read in `new` on the same descriptor.
+        unsafe {
+            libc::tcsetattr(0, libc::TCSANOW, &self.0);
         }
     }
 }

@@ -95,3 +95,70 @@ fn usage_errors_exit_2_and_help_helps() {
     let out = s.cli(&["replay", "--subject", "9988337f-adc0-4c2e-8fa9-cffccd012c84"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// `user add` reads the password from a terminal without showing it. The test is the
+/// terminal (a pseudo-terminal's master side): it types the password once the prompt is on the
+/// screen, then reads back everything the screen showed, which must not hold the password.
+#[test]
+fn user_add_does_not_show_the_password_typed_at_its_prompt() {
+    use std::io::{Read, Write};
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    let s = Scratch::new();
+    let (mut master, slave) = {
+        let (mut m, mut sl) = (0, 0);
+        // SAFETY: openpty writes two new descriptors into the integers given; the others may be null.
+        let rc = unsafe { libc::openpty(&mut m, &mut sl, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
+        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: both descriptors were just opened and are owned by nothing else.
+        unsafe { (std::fs::File::from_raw_fd(m), OwnedFd::from_raw_fd(sl)) }
+    };
+    let mut child = s
+        .cli_cmd(&["user", "add", "bob", "--role", "staff"])
+        .env_remove("PDLEDGER_PASSWORD")
+        .stdin(slave.try_clone().unwrap())
+        .stderr(slave.try_clone().unwrap())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(slave);
+    // Everything the terminal shows, read until the child closes its side (EIO on Linux).
+    let mut shown = Vec::new();
+    let mut buf = [0u8; 512];
+    while !String::from_utf8_lossy(&shown).contains("not shown): ") {
+        match master.read(&mut buf) {
+            Ok(n) if n > 0 => shown.extend_from_slice(&buf[..n]),
+            other => panic!("the prompt never came ({other:?}): {}", String::from_utf8_lossy(&shown)),
+        }
+    }
+    let password = "correct horse battery staple 7";
+    master.write_all(format!("{password}\n").as_bytes()).unwrap();
+    let status = child.wait().unwrap();
+    let mut stdout = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    while let Ok(n) = master.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        shown.extend_from_slice(&buf[..n]);
+    }
+    let shown = String::from_utf8_lossy(&shown);
+    assert!(status.success(), "{shown}");
+    assert!(stdout.contains("created user bob with role staff"), "{stdout}");
+    assert!(!shown.contains(password), "the password was shown: {shown:?}");
+    // The password took: bob logs in with it (through the store, as the server would).
+    let ledger = pdledger::ledger::Ledger::open(pdledger::ledger::OpenOptions::new(
+        s.data(),
+        pdledger::keyring::Keyring::Dir(s.keyring()),
+        "test",
+    ))
+    .unwrap();
+    let auth = pdledger::auth::Auth::new(
+        ledger.store().kv("auth").unwrap(),
+        Default::default(),
+        pdledger::auth::system_clock(),
+    )
+    .unwrap();
+    let login = auth.login("bob", password, None).unwrap();
+    assert!(matches!(login, pdledger::auth::Login::Session { .. }), "the typed password does not log in");
+}
