@@ -1090,12 +1090,13 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 Ok(p) if !p.is_empty() => p,
                 _ => {
                     let terminal = std::io::stdin().is_terminal();
-                    if terminal {
-                        eprint!("password for {name} (15 to 1024 characters; not shown): ");
-                    }
                     let mut line = String::new();
                     {
+                        // Echo off before the prompt, so that nothing typed early is shown.
                         let _quiet = terminal.then(NoEcho::new).flatten();
+                        if terminal {
+                            eprint!("password for {name} (15 to 1024 characters; not shown): ");
+                        }
                         std::io::stdin().read_line(&mut line)?;
                     }
                     if terminal {
@@ -1167,33 +1168,73 @@ pub fn main() -> std::process::ExitCode {
 
 /// The terminal on standard input with its echo off, until dropped (a typed password is not
 /// shown). `None` when standard input is not a terminal or its settings cannot be read.
-struct NoEcho(libc::termios);
+///
+/// Ctrl-C or a `kill` while the echo is off would end the process before `drop` and leave the
+/// user's terminal silent: while the guard lives, SIGINT and SIGTERM first put the saved
+/// settings back, then end the process as the signal would have.
+struct NoEcho {
+    saved: Box<libc::termios>,
+    previous: [(libc::c_int, libc::sigaction); 2],
+}
+
+/// The settings to put back if a signal comes while a `NoEcho` lives (null otherwise).
+static SAVED_TERMIOS: std::sync::atomic::AtomicPtr<libc::termios> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+
+extern "C" fn restore_terminal_and_die(sig: libc::c_int) {
+    let saved = SAVED_TERMIOS.load(std::sync::atomic::Ordering::Acquire);
+    // SAFETY: only async-signal-safe calls (tcsetattr, signal, raise); `saved` points into the
+    // live guard's box, which clears the pointer before it is freed.
+    unsafe {
+        if !saved.is_null() {
+            libc::tcsetattr(0, libc::TCSANOW, saved);
+        }
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+}
 
 impl NoEcho {
     fn new() -> Option<NoEcho> {
         // SAFETY: tcgetattr and tcsetattr read and write a termios the caller owns; fd 0 is
         // standard input, checked to be a terminal by the caller (they fail harmlessly if not).
+        // sigaction installs a handler that only makes async-signal-safe calls.
         unsafe {
             let mut t: libc::termios = std::mem::zeroed();
             if libc::tcgetattr(0, &mut t) != 0 {
                 return None;
             }
-            let saved = t;
+            let saved = Box::new(t);
+            SAVED_TERMIOS
+                .store(&*saved as *const libc::termios as *mut libc::termios, std::sync::atomic::Ordering::Release);
+            let mut previous = [(libc::SIGINT, std::mem::zeroed()), (libc::SIGTERM, std::mem::zeroed())];
+            for (sig, old) in &mut previous {
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = restore_terminal_and_die as *const () as usize;
+                libc::sigemptyset(&mut action.sa_mask);
+                libc::sigaction(*sig, &action, old);
+            }
+            let guard = NoEcho { saved, previous };
             t.c_lflag &= !libc::ECHO;
             if libc::tcsetattr(0, libc::TCSANOW, &t) != 0 {
-                return None;
+                return None; // the guard's drop puts the handlers back
             }
-            Some(NoEcho(saved))
+            Some(guard)
         }
     }
 }
 
 impl Drop for NoEcho {
     fn drop(&mut self) {
-        // SAFETY: restores the settings read in `new` on the same descriptor.
+        // SAFETY: restores the settings read in `new` on the same descriptor, then the signal
+        // handlers that were there before; the pointer is cleared before the box is freed.
         unsafe {
-            libc::tcsetattr(0, libc::TCSANOW, &self.0);
+            libc::tcsetattr(0, libc::TCSANOW, &*self.saved);
+            for (sig, old) in &self.previous {
+                libc::sigaction(*sig, old, std::ptr::null_mut());
+            }
         }
+        SAVED_TERMIOS.store(std::ptr::null_mut(), std::sync::atomic::Ordering::Release);
     }
 }
 

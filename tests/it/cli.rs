@@ -100,6 +100,55 @@ fn usage_errors_exit_2_and_help_helps() {
 /// terminal (a pseudo-terminal's master side): it types the password once the prompt is on the
 /// screen, then reads back everything the screen showed, which must not hold the password.
 #[test]
+fn user_add_interrupted_at_its_prompt_gives_the_terminal_its_echo_back() {
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
+
+    let s = Scratch::new();
+    let (mut master, slave) = {
+        let (mut m, mut sl) = (0, 0);
+        // SAFETY: openpty writes two new descriptors into the integers given; the others may be null.
+        let rc = unsafe { libc::openpty(&mut m, &mut sl, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
+        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: both descriptors were just opened and are owned by nothing else.
+        unsafe { (std::fs::File::from_raw_fd(m), OwnedFd::from_raw_fd(sl)) }
+    };
+    let echo_on = |fd: &OwnedFd| {
+        // SAFETY: tcgetattr fills a termios we own from an open terminal descriptor.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            assert_eq!(libc::tcgetattr(fd.as_raw_fd(), &mut t), 0);
+            t.c_lflag & libc::ECHO != 0
+        }
+    };
+    assert!(echo_on(&slave), "a new terminal echoes");
+    let mut child = s
+        .cli_cmd(&["user", "add", "carol", "--role", "staff"])
+        .env_remove("PDLEDGER_PASSWORD")
+        .stdin(slave.try_clone().unwrap())
+        .stderr(slave.try_clone().unwrap())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut shown = Vec::new();
+    let mut buf = [0u8; 512];
+    while !String::from_utf8_lossy(&shown).contains("not shown): ") {
+        match master.read(&mut buf) {
+            Ok(n) if n > 0 => shown.extend_from_slice(&buf[..n]),
+            other => panic!("the prompt never came ({other:?}): {}", String::from_utf8_lossy(&shown)),
+        }
+    }
+    // The prompt is up, so the echo is off; Ctrl-C (as the terminal would send it).
+    assert!(!echo_on(&slave), "the echo is off at the prompt");
+    // SAFETY: kill sends a signal to the child we spawned and still own.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGINT), "it ends as Ctrl-C ends a program: {status:?}");
+    assert!(echo_on(&slave), "the terminal was left without its echo");
+}
+
+#[test]
 fn user_add_does_not_show_the_password_typed_at_its_prompt() {
     use std::io::{Read, Write};
     use std::os::fd::{FromRawFd, OwnedFd};
