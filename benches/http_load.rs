@@ -8,6 +8,21 @@
 //! - `append (http, backup)`: the plain-HTTP append with the continuous backup running (200 ms
 //!   interval); its largest lag during the run, and how soon it catches up after, are printed.
 //! - `read (http)` / `read (tls)`: `GET /v1/subjects/{id}/events` on subjects of exactly 10 events.
+//! - `sled floor: append` / `sled floor: read`: what sled alone allows for the same work, on a
+//!   bare axum server of their own with the same group commit as the ledger (a thread that
+//!   flushes sled and fsyncs its file for every request applied so far, then answers them):
+//!   the append inserts its request body (the same bytes) and waits for the fsync; the read
+//!   gets ten stored ~500-byte events, inserts a 200-byte record (the audit entry a read must
+//!   make durable) and waits for the fsync before answering the ten. No parsing beyond the
+//!   echo's, no auth, no encryption, no hash chain, no index, no projection: a floor.
+//! - `sled floor: append, ledger's entries`: the append's floor with the entries an append of
+//!   one note makes in the ledger, at their sizes (so only sled's cost of the layout): a
+//!   650-byte record and a 300-byte audit record at increasing keys, the stream entry, the two
+//!   audit index entries and the subject's 5,100-byte `customer` document (ten notes)
+//!   rewritten (not the head and views checkpoint: the ledger writes those once per group
+//!   commit, shared by about 20 appends). `PDLEDGER_LOAD_DOC_BYTES=N`
+//!   sets the document's size (0: no document), and `PDLEDGER_LOAD_AUDIT=0` leaves out the
+//!   audit record and its two index entries, to see what each costs.
 //!
 //! Every scenario: 64 keep-alive HTTP/1.1 connections on 127.0.0.1, each sending requests one
 //! after another, 1 s of warm-up (not counted), then `PDLEDGER_LOAD_SECS` seconds (default 8)
@@ -119,6 +134,19 @@ async fn run(measure: Duration, warmup: Duration) {
     }
     let wanted = |kind: &str| only.as_deref().is_none_or(|o| o.split(',').any(|k| k.trim() == kind));
 
+    // The floors under the append and read scenarios: sled alone, same group commit.
+    let floor = if wanted("append") || wanted("read") {
+        Some(Floor::start(&tmp.path().join("floor"), &append_note))
+    } else {
+        None
+    };
+    if let (Some(f), true) = (&floor, wanted("append")) {
+        let templates = (0..CONNECTIONS).map(|i| echo_request(&format!("/append/{i}"), &append_body)).collect();
+        results.push(scenario("sled floor: append", &f.target, templates, warmup, measure).await);
+        let templates = (0..CONNECTIONS).map(|i| echo_request(&format!("/layout/{i}"), &append_body)).collect();
+        results.push(scenario("sled floor: append, ledger's entries", &f.target, templates, warmup, measure).await);
+    }
+
     // 2, 3. append
     for (name, target) in [("append (http)", &pd.http), ("append (tls)", &pd.tls)] {
         if !wanted("append") {
@@ -191,6 +219,17 @@ async fn run(measure: Duration, warmup: Duration) {
 
     // 4, 5. read: subjects of exactly 10 events, one per connection.
     if wanted("read") {
+        let f = floor.as_ref().expect("started for reads");
+        let templates = (0..CONNECTIONS)
+            .map(|i| Template {
+                method: Method::GET,
+                path: format!("/read/{i}"),
+                body: Bytes::new(),
+                json: false,
+                bearer: None,
+            })
+            .collect();
+        results.push(scenario("sled floor: read", &f.target, templates, warmup, measure).await);
         read_scenarios(&pd, &append_note, warmup, measure, &mut results).await;
     }
     report(&results);
@@ -263,6 +302,148 @@ async fn start_echo() -> Target {
     let app = Router::new().route("/echo", post(echo));
     tokio::spawn(async move { axum::serve(tcp, app).await.expect("echo server") });
     Target { addr, tls: None }
+}
+
+/// sled alone behind a bare axum server, with the ledger's group commit: the floor under the
+/// append and read scenarios.
+struct Floor {
+    target: Target,
+}
+
+#[derive(Clone)]
+struct FloorState {
+    events: sled::Tree,
+    log: sled::Tree,
+    index: sled::Tree,
+    views: sled::Tree,
+    doc: Arc<Vec<u8>>,
+    audit: bool,
+    next: Arc<AtomicU64>,
+    syncer: std::sync::mpsc::Sender<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Floor {
+    /// Opens sled as the ledger does (64 MiB cache, no background flusher: the commits flush
+    /// and fsync), stores ten events for each connection's subject, starts the syncer thread.
+    fn start(dir: &Path, note: &str) -> Floor {
+        let db = sled::Config::new().path(dir).cache_capacity(64 << 20).flush_every_ms(None).open().expect("sled");
+        let (events, log) = (db.open_tree("events").unwrap(), db.open_tree("log").unwrap());
+        let (index, views) = (db.open_tree("index").unwrap(), db.open_tree("views").unwrap());
+        for s in 0..CONNECTIONS as u64 {
+            for i in 0..READ_EVENTS as u64 {
+                let event = note_body(note, i as usize)["events"][0].to_string();
+                events.insert([s.to_be_bytes(), i.to_be_bytes()].concat(), event.as_bytes()).unwrap();
+            }
+        }
+        let data = std::fs::File::open(dir.join("db")).expect("sled's data file");
+        db.flush().unwrap();
+        data.sync_all().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<tokio::sync::oneshot::Sender<()>>();
+        let sync_db = db.clone();
+        std::thread::spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut waiting = vec![first];
+                waiting.extend(rx.try_iter());
+                sync_db.flush().expect("flush");
+                data.sync_all().expect("fsync");
+                for w in waiting {
+                    let _ = w.send(());
+                }
+            }
+        });
+        let state = FloorState {
+            events,
+            log,
+            index,
+            views,
+            doc: Arc::new(vec![3u8; doc_bytes()]),
+            audit: std::env::var("PDLEDGER_LOAD_AUDIT").as_deref() != Ok("0"),
+            next: Arc::new(AtomicU64::new(0)),
+            syncer: tx,
+        };
+        let app = Router::new()
+            .route("/append/{s}", post(floor_append))
+            .route("/layout/{s}", post(floor_layout))
+            .route("/read/{s}", axum::routing::get(floor_read))
+            .with_state(state);
+        let std_tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        std_tcp.set_nonblocking(true).unwrap();
+        let tcp = TcpListener::from_std(std_tcp).unwrap();
+        let addr = tcp.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(tcp, app).await.expect("floor server") });
+        Floor { target: Target { addr, tls: None } }
+    }
+}
+
+impl FloorState {
+    async fn durable(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.syncer.send(tx).expect("syncer running");
+        rx.await.expect("synced");
+    }
+}
+
+/// The append's floor: the body parsed as the echo parses it, its bytes stored, made durable.
+async fn floor_append(
+    axum::extract::State(st): axum::extract::State<FloorState>,
+    axum::extract::Path(s): axum::extract::Path<u64>,
+    body: Bytes,
+) -> (StatusCode, Json<Value>) {
+    let v: Value = serde_json::from_slice(&body).expect("json");
+    let n = st.next.fetch_add(1, Ordering::Relaxed);
+    st.log.insert([s.to_be_bytes(), n.to_be_bytes()].concat(), &body[..]).expect("insert");
+    st.durable().await;
+    (StatusCode::CREATED, Json(json!({"version": n, "events": v["events"].as_array().map_or(0, Vec::len)})))
+}
+
+/// The append's floor with the ledger's entries for one note, at their sizes (the bytes are
+/// not ours: only sled's cost of storing that many entries of that size).
+async fn floor_layout(
+    axum::extract::State(st): axum::extract::State<FloorState>,
+    axum::extract::Path(s): axum::extract::Path<u64>,
+    body: Bytes,
+) -> (StatusCode, Json<Value>) {
+    let v: Value = serde_json::from_slice(&body).expect("json");
+    let n = st.next.fetch_add(2, Ordering::Relaxed);
+    let subject = [s.to_be_bytes(), s.to_be_bytes()].concat();
+    st.log.insert([b"L".as_slice(), &n.to_be_bytes()].concat(), &[1u8; 650][..]).expect("insert");
+    st.index.insert([b"S".as_slice(), &subject, &n.to_be_bytes()].concat(), &n.to_be_bytes()).expect("insert");
+    if st.audit {
+        st.log.insert([b"L".as_slice(), &(n + 1).to_be_bytes()].concat(), &[2u8; 300][..]).expect("insert");
+        st.index.insert([b"A".as_slice(), &(n + 1).to_be_bytes()].concat(), &[][..]).expect("insert");
+        st.index.insert([b"B".as_slice(), &subject, &(n + 1).to_be_bytes()].concat(), &[][..]).expect("insert");
+    }
+    if !st.doc.is_empty() {
+        st.views.insert([b"customer".as_slice(), &subject].concat(), &st.doc[..]).expect("insert");
+    }
+    st.durable().await;
+    (StatusCode::CREATED, Json(json!({"version": n, "events": v["events"].as_array().map_or(0, Vec::len)})))
+}
+
+/// The size of the `customer` document in the layout floor: `PDLEDGER_LOAD_DOC_BYTES`, else
+/// about what ten notes of the append scenario make.
+fn doc_bytes() -> usize {
+    std::env::var("PDLEDGER_LOAD_DOC_BYTES").map_or(5100, |s| s.parse().expect("PDLEDGER_LOAD_DOC_BYTES: bytes"))
+}
+
+/// The read's floor: ten stored events, one durable 200-byte record, then the ten.
+async fn floor_read(
+    axum::extract::State(st): axum::extract::State<FloorState>,
+    axum::extract::Path(s): axum::extract::Path<u64>,
+) -> ([(hyper::header::HeaderName, HeaderValue); 1], Vec<u8>) {
+    let mut out = b"{\"events\":[".to_vec();
+    for i in 0..READ_EVENTS as u64 {
+        let v = st.events.get([s.to_be_bytes(), i.to_be_bytes()].concat()).expect("get").expect("stored");
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&v);
+    }
+    out.extend_from_slice(b"]}");
+    let n = st.next.fetch_add(1, Ordering::Relaxed);
+    st.log.insert([u64::MAX.to_be_bytes(), n.to_be_bytes()].concat(), &[7u8; 200][..]).expect("insert");
+    st.durable().await;
+    ([(CONTENT_TYPE, HeaderValue::from_static("application/json"))], out)
 }
 
 /// pdledger in-process: one ledger, served over plain HTTP and over TLS.
@@ -614,9 +795,15 @@ fn report(results: &[ScenarioResult]) {
     println!();
     for (a, b) in [
         ("append (http)", "echo"),
+        ("sled floor: append", "echo"),
+        ("append (http)", "sled floor: append"),
+        ("sled floor: append, ledger's entries", "echo"),
+        ("append (http)", "sled floor: append, ledger's entries"),
         ("append (tls)", "append (http)"),
         ("append (http, backup)", "append (http)"),
         ("read (http)", "echo"),
+        ("sled floor: read", "echo"),
+        ("read (http)", "sled floor: read"),
         ("read (tls)", "read (http)"),
     ] {
         if let (Some(x), Some(y)) = (get(a), get(b)) {
