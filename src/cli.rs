@@ -71,7 +71,8 @@ enum Command {
     ///
     /// Lines are validated against the schemas and appended in all-or-nothing batches. The
     /// import stops at the first bad line, naming it, with nothing of that line's batch appended
-    /// and every earlier batch durable.
+    /// and every earlier batch durable. The audit trail gets an `append` entry (by the actor)
+    /// for each subject the import writes to, in the commit of its first events.
     Import {
         /// The file to read; `-` reads standard input.
         file: PathBuf,

@@ -3,6 +3,9 @@
 //! Lines are parsed and validated on one thread while the previous batch is being committed
 //! on another. Each batch is one all-or-nothing submission, so a bad line stops the import
 //! with nothing of its batch appended, and every batch before it durable.
+//!
+//! Each subject the import writes to gets one `append` entry in the audit trail, by the
+//! import's actor, in the same commit as its first events.
 
 use std::collections::HashSet;
 use std::io::BufRead;
@@ -195,9 +198,22 @@ pub fn import(
                 Err(error) => return Err(Box::new(Failure { error, done: done.clone() })),
             };
             let (first, last) = (batch.first_line, batch.last_line);
-            match ledger.submit(batch.ops) {
+            let events = batch.ops.len() as u64;
+            // The trail records who put data on each subject: an `append` entry for every
+            // subject the first time this import writes to it, in the same commit as its
+            // events (all or nothing, as the server's appends are audited).
+            let mut ops = batch.ops;
+            let mut fresh: HashSet<Uuid> = HashSet::new();
+            for s in &batch.subjects {
+                if !seen.contains(s) && fresh.insert(*s) {
+                    let entry =
+                        crate::audit::Entry::new(crate::audit::Action::Append, Some(*s), crate::audit::Outcome::Ok);
+                    ops.push(entry.into_op(actor));
+                }
+            }
+            match ledger.submit(ops) {
                 Ok(results) => {
-                    done.events += results.len() as u64;
+                    done.events += events;
                     done.lines = last;
                     done.last_position =
                         results.last().and_then(|c| c.positions.last().copied()).unwrap_or(done.last_position);

@@ -72,15 +72,28 @@ fn sample_round_trips_exactly() {
     assert_eq!(replayed.len(), by_subject[&first.parse().unwrap()].len());
     // Then the subject's views as they stand.
     assert!(lines.iter().any(|l| l["view"] == "customer" && l["data"]["name"] == events[0]["data"]["name"]));
-    // The read is in the audit trail, once, as the server's reads are.
+    // The read is in the audit trail, once, as the server's reads are; before it, once, the
+    // import that put the subject's data there (newest first).
     let out = s.cli(&["audit", "--subject", first, "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let trail: Vec<Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(trail.len(), 1, "{trail:?}");
+    assert_eq!(trail.len(), 2, "{trail:?}");
     assert_eq!(
         (&trail[0]["action"], &trail[0]["actor"], &trail[0]["outcome"]),
         (&json!("read"), &json!("cli"), &json!("ok"))
     );
+    assert_eq!(
+        (&trail[1]["action"], &trail[1]["actor"], &trail[1]["outcome"]),
+        (&json!("append"), &json!("import"), &json!("ok"))
+    );
+    // Every subject imported has exactly one such entry, in the commit of its first events.
+    let out = s.cli(&["audit", "--action", "append", "--actor", "import", "--json", "--limit", "5000"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let appended: Vec<Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let subjects: std::collections::BTreeSet<Uuid> =
+        appended.iter().map(|l| l["subject"].as_str().unwrap().parse().unwrap()).collect();
+    assert_eq!((appended.len(), subjects.len()), (1_000, 1_000));
+    assert_eq!(subjects, by_subject.keys().copied().collect());
 }
 
 /// No personal value is on disk in any encoding, and the same scan finds them in the input.

@@ -150,9 +150,10 @@ fn extract_holds_exactly_one_subject() {
     assert!(billing.retention.legal_reference.as_deref().unwrap().contains("Bokföringslagen"));
     assert_eq!(x.labels["customer.registered"].fields["/email"].sv, "E-post");
 
-    // The access history: this subject's entries only, newest first.
+    // The access history: this subject's entries only, newest first, down to the import that
+    // put its data there.
     let actions: Vec<(Action, &str)> = x.access_history.iter().map(|a| (a.action, a.actor.as_str())).collect();
-    assert_eq!(actions, vec![(Action::View, "staff1"), (Action::Read, "staff1")]);
+    assert_eq!(actions, vec![(Action::View, "staff1"), (Action::Read, "staff1"), (Action::Append, "import")]);
     assert!(x.access_history.iter().all(|a| a.subject == Some(subject)));
     assert!(!x.access_history_truncated);
 
