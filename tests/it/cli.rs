@@ -97,24 +97,55 @@ fn usage_errors_exit_2_and_help_helps() {
     assert_eq!(out.status.code(), Some(1));
 }
 
-/// `user add` reads the password from a terminal without showing it. The test is the
-/// terminal (a pseudo-terminal's master side): it types the password once the prompt is on the
-/// screen, then reads back everything the screen showed, which must not hold the password.
+/// A pseudo-terminal: its master side (the test: what it types, what the screen shows) and
+/// its slave side (the child's terminal).
+fn pty() -> (std::fs::File, std::os::fd::OwnedFd) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut m, mut sl) = (0, 0);
+    // SAFETY: openpty writes two new descriptors into the integers given; the others may be null.
+    let rc = unsafe { libc::openpty(&mut m, &mut sl, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened and are owned by nothing else.
+    unsafe { (std::fs::File::from_raw_fd(m), OwnedFd::from_raw_fd(sl)) }
+}
+
+/// Starts `user add NAME --role staff` on the terminal (no `PDLEDGER_PASSWORD`) and reads what
+/// the screen shows until the password prompt is on it.
+fn user_add_at_its_prompt(
+    s: &Scratch,
+    name: &str,
+    master: &mut std::fs::File,
+    slave: &std::os::fd::OwnedFd,
+    stdout: std::process::Stdio,
+) -> (std::process::Child, Vec<u8>) {
+    use std::io::Read;
+    let child = s
+        .cli_cmd(&["user", "add", name, "--role", "staff"])
+        .env_remove("PDLEDGER_PASSWORD")
+        .stdin(slave.try_clone().unwrap())
+        .stderr(slave.try_clone().unwrap())
+        .stdout(stdout)
+        .spawn()
+        .unwrap();
+    let mut shown = Vec::new();
+    let mut buf = [0u8; 512];
+    while !String::from_utf8_lossy(&shown).contains("not shown): ") {
+        match master.read(&mut buf) {
+            Ok(n) if n > 0 => shown.extend_from_slice(&buf[..n]),
+            other => panic!("the prompt never came ({other:?}): {}", String::from_utf8_lossy(&shown)),
+        }
+    }
+    (child, shown)
+}
+
+/// Ctrl-C at the password prompt ends `user add` and leaves the terminal echoing again.
 #[test]
 fn user_add_interrupted_at_its_prompt_gives_the_terminal_its_echo_back() {
-    use std::io::Read;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::fd::{AsRawFd, OwnedFd};
     use std::os::unix::process::ExitStatusExt;
 
     let s = Scratch::new();
-    let (mut master, slave) = {
-        let (mut m, mut sl) = (0, 0);
-        // SAFETY: openpty writes two new descriptors into the integers given; the others may be null.
-        let rc = unsafe { libc::openpty(&mut m, &mut sl, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
-        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-        // SAFETY: both descriptors were just opened and are owned by nothing else.
-        unsafe { (std::fs::File::from_raw_fd(m), OwnedFd::from_raw_fd(sl)) }
-    };
+    let (mut master, slave) = pty();
     let echo_on = |fd: &OwnedFd| {
         // SAFETY: tcgetattr fills a termios we own from an open terminal descriptor.
         unsafe {
@@ -124,22 +155,7 @@ fn user_add_interrupted_at_its_prompt_gives_the_terminal_its_echo_back() {
         }
     };
     assert!(echo_on(&slave), "a new terminal echoes");
-    let mut child = s
-        .cli_cmd(&["user", "add", "carol", "--role", "staff"])
-        .env_remove("PDLEDGER_PASSWORD")
-        .stdin(slave.try_clone().unwrap())
-        .stderr(slave.try_clone().unwrap())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut shown = Vec::new();
-    let mut buf = [0u8; 512];
-    while !String::from_utf8_lossy(&shown).contains("not shown): ") {
-        match master.read(&mut buf) {
-            Ok(n) if n > 0 => shown.extend_from_slice(&buf[..n]),
-            other => panic!("the prompt never came ({other:?}): {}", String::from_utf8_lossy(&shown)),
-        }
-    }
+    let (mut child, _) = user_add_at_its_prompt(&s, "carol", &mut master, &slave, std::process::Stdio::null());
     // The prompt is up, so the echo is off; Ctrl-C (as the terminal would send it).
     assert!(!echo_on(&slave), "the echo is off at the prompt");
     // SAFETY: kill sends a signal to the child we spawned and still own.
@@ -149,38 +165,18 @@ fn user_add_interrupted_at_its_prompt_gives_the_terminal_its_echo_back() {
     assert!(echo_on(&slave), "the terminal was left without its echo");
 }
 
+/// `user add` reads the password from a terminal without showing it. The test is the
+/// terminal (a pseudo-terminal's master side): it types the password once the prompt is on the
+/// screen, then reads back everything the screen showed, which must not hold the password.
 #[test]
 fn user_add_does_not_show_the_password_typed_at_its_prompt() {
     use std::io::{Read, Write};
-    use std::os::fd::{FromRawFd, OwnedFd};
 
     let s = Scratch::new();
-    let (mut master, slave) = {
-        let (mut m, mut sl) = (0, 0);
-        // SAFETY: openpty writes two new descriptors into the integers given; the others may be null.
-        let rc = unsafe { libc::openpty(&mut m, &mut sl, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
-        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-        // SAFETY: both descriptors were just opened and are owned by nothing else.
-        unsafe { (std::fs::File::from_raw_fd(m), OwnedFd::from_raw_fd(sl)) }
-    };
-    let mut child = s
-        .cli_cmd(&["user", "add", "bob", "--role", "staff"])
-        .env_remove("PDLEDGER_PASSWORD")
-        .stdin(slave.try_clone().unwrap())
-        .stderr(slave.try_clone().unwrap())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (mut master, slave) = pty();
+    let (mut child, mut shown) = user_add_at_its_prompt(&s, "bob", &mut master, &slave, std::process::Stdio::piped());
     drop(slave);
-    // Everything the terminal shows, read until the child closes its side (EIO on Linux).
-    let mut shown = Vec::new();
     let mut buf = [0u8; 512];
-    while !String::from_utf8_lossy(&shown).contains("not shown): ") {
-        match master.read(&mut buf) {
-            Ok(n) if n > 0 => shown.extend_from_slice(&buf[..n]),
-            other => panic!("the prompt never came ({other:?}): {}", String::from_utf8_lossy(&shown)),
-        }
-    }
     let password = "correct horse battery staple 7";
     master.write_all(format!("{password}\n").as_bytes()).unwrap();
     let status = child.wait().unwrap();
