@@ -13,14 +13,15 @@
 //!   flushes sled and fsyncs its file for every request applied so far, then answers them):
 //!   the append inserts its request body (the same bytes) and waits for the fsync; the read
 //!   gets ten stored ~500-byte events, inserts a 200-byte record (the audit entry a read must
-//!   make durable) and waits for the fsync before answering the ten. No parsing beyond the
+//!   make durable; the ledger's is three entries, the record and two index keys, so this floor
+//!   is generous) and waits for the fsync before answering the ten. No parsing beyond the
 //!   echo's, no auth, no encryption, no hash chain, no index, no projection: a floor.
 //! - `sled floor: append, ledger's entries`: the append's floor with the entries an append of
 //!   one note makes in the ledger, at their sizes (so only sled's cost of the layout): a
 //!   650-byte record and a 300-byte audit record at increasing keys, the stream entry, the two
 //!   audit index entries and the subject's 5,100-byte `customer` document (ten notes)
 //!   rewritten (not the head and views checkpoint: the ledger writes those once per group
-//!   commit, shared by about 20 appends). `PDLEDGER_LOAD_DOC_BYTES=N`
+//!   commit, shared by about 19 appends at these rates). `PDLEDGER_LOAD_DOC_BYTES=N`
 //!   sets the document's size (0: no document), and `PDLEDGER_LOAD_AUDIT=0` leaves out the
 //!   audit record and its two index entries, to see what each costs.
 //!

@@ -80,7 +80,8 @@ enum Command {
         data: DataArgs,
         #[command(flatten)]
         keys: KeyArgs,
-        /// Events per batch (one durable write each).
+        /// Events per batch (one durable write each; at most half the writer's group limit,
+        /// 2048, to leave room for the batch's audit entries).
         #[arg(long, default_value_t = 1000)]
         batch: usize,
         /// The actor recorded on each event.
@@ -1171,11 +1172,12 @@ pub fn main() -> std::process::ExitCode {
 /// shown). `None` when standard input is not a terminal or its settings cannot be read.
 ///
 /// Ctrl-C or a `kill` while the echo is off would end the process before `drop` and leave the
-/// user's terminal silent: while the guard lives, SIGINT and SIGTERM first put the saved
-/// settings back, then end the process as the signal would have.
+/// user's terminal silent: while the guard lives, SIGINT, SIGQUIT, SIGTERM and SIGHUP (those
+/// not ignored) first put the saved settings back, then end the process as the signal would.
 struct NoEcho {
     saved: Box<libc::termios>,
-    previous: [(libc::c_int, libc::sigaction); 2],
+    /// The handlers replaced, to put back.
+    previous: Vec<(libc::c_int, libc::sigaction)>,
 }
 
 /// The settings to put back if a signal comes while a `NoEcho` lives (null otherwise).
@@ -1208,12 +1210,19 @@ impl NoEcho {
             let saved = Box::new(t);
             SAVED_TERMIOS
                 .store(&*saved as *const libc::termios as *mut libc::termios, std::sync::atomic::Ordering::Release);
-            let mut previous = [(libc::SIGINT, std::mem::zeroed()), (libc::SIGTERM, std::mem::zeroed())];
-            for (sig, old) in &mut previous {
+            let mut previous = Vec::with_capacity(4);
+            for sig in [libc::SIGINT, libc::SIGQUIT, libc::SIGTERM, libc::SIGHUP] {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                // A signal the caller ignores (a background job's SIGINT) stays ignored.
+                if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 || old.sa_sigaction == libc::SIG_IGN {
+                    continue;
+                }
                 let mut action: libc::sigaction = std::mem::zeroed();
                 action.sa_sigaction = restore_terminal_and_die as *const () as usize;
                 libc::sigemptyset(&mut action.sa_mask);
-                libc::sigaction(*sig, &action, old);
+                if libc::sigaction(sig, &action, std::ptr::null_mut()) == 0 {
+                    previous.push((sig, old));
+                }
             }
             let guard = NoEcho { saved, previous };
             t.c_lflag &= !libc::ECHO;

@@ -132,7 +132,9 @@ pub fn import(
     actor: &str,
     mut on_batch: impl FnMut(&Progress),
 ) -> Result<Progress, Box<Failure>> {
-    let batch_events = batch_events.clamp(1, ledger.limits().group_events_max);
+    // A batch's submission holds its events and up to as many audit entries (one per new
+    // subject): half the group limit keeps a commit within what the tail repair expects.
+    let batch_events = batch_events.clamp(1, (ledger.limits().group_events_max / 2).max(1));
     let started = Instant::now();
     let mut done = Progress::default();
     let mut seen: HashSet<Uuid> = HashSet::new();

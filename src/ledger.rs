@@ -811,8 +811,11 @@ pub fn repair_tail(store: &Store, group_events_max: usize) -> Result<u64, OpenEr
             head = (pos, rec.hash);
             break;
         }
-        // A commit writes at most `group_events_max` records (plus its notes): more than
-        // that without a mark is damage, not a crash.
+        // A commit writes about `group_events_max` records at most: a group takes submissions
+        // until it holds that many events, and the last one taken and every submission's notes
+        // (audit entries) fit in the slack below (an import batch, its events and its audit
+        // entries, is held to half the limit). More than that without a mark is damage, not a
+        // crash.
         if removed > 2 * group_events_max as u64 + 1024 {
             return Err(OpenError::Damaged(pos, "no commit mark in the log's tail".into()));
         }
